@@ -1,0 +1,3 @@
+"""Built-in attacks; importing this package registers them."""
+
+from attacks import badnets, blended  # noqa: F401

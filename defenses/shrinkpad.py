@@ -1,0 +1,57 @@
+"""ShrinkPad (Li et al., 2021, "Backdoor Attack in the Physical World"): shrink, then pad back.
+
+The image is resized down by ``pad`` pixels per side length and zero-padded back to its size at
+a random offset, drawn per image. Small spatial shifts break triggers that rely on an exact
+location; ``pad`` is the intensity knob of the trade-off curve.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bench.augment import shift_images
+from bench.errors import BenchError
+from bench.registry import DEFENSES
+from bench.seeding import generator
+from defenses.base import Defense
+
+
+def shrink_pad(x: Tensor, pad: int, gen: torch.Generator) -> Tensor:
+    """Resize (N, C, H, W) to (H - pad, W - pad) and zero-pad back at a random offset per image."""
+    if pad <= 0:
+        return x
+    n, _, h, w = x.shape
+    small = F.interpolate(x, size=(h - pad, w - pad), mode="bilinear", align_corners=False, antialias=True)
+    placed = F.pad(small, (0, pad, 0, pad))  # top-left, then shifted by the random offset
+    dy = torch.randint(0, pad + 1, (n,), generator=gen, device=x.device)
+    dx = torch.randint(0, pad + 1, (n,), generator=gen, device=x.device)
+    return shift_images(placed, dy, dx)
+
+
+@DEFENSES.register("shrinkpad")
+class ShrinkPad(Defense):
+    """Resize down by `pad` px and zero-pad back at a random offset (intensity: pad)."""
+
+    intensity_param = "pad"
+
+    def __init__(self, pad: int = 4, **params: Any) -> None:
+        super().__init__(**params)
+        if not isinstance(pad, int) or pad < 0:
+            raise BenchError(f"shrinkpad: pad must be a non-negative integer, got {pad!r}")
+        self.pad = pad
+        self._gen: torch.Generator | None = None
+
+    def bind(self, model: torch.nn.Module, device: torch.device, seed: int = 0) -> None:
+        super().bind(model, device, seed)
+        self._gen = generator(seed, "shrinkpad", device=device)
+
+    def predict(self, x: Tensor) -> Tensor:
+        h = x.shape[-1]
+        if self.pad >= min(x.shape[-2:]):
+            raise BenchError(f"shrinkpad: pad {self.pad} must be smaller than the image size {h}")
+        assert self._gen is not None and self.model is not None
+        return self.model(shrink_pad(x, self.pad, self._gen))
