@@ -20,6 +20,7 @@ import bench
 from attacks.base import Attack, FitContext
 from bench.config import GridConfig, PluginSpec
 from bench.data import DataPaths, DataSplit, ImageSet, load_dataset, stratified_split
+from bench.errors import BenchError
 from bench.grid import Cell, instantiate
 from bench.metrics import backdoor_metrics
 from bench.models import build_model
@@ -123,6 +124,20 @@ class CellRunner:
         return model
 
     # ----------------------------------------------------------------- defenses
+    def benign_subset(self, cell: Cell, data: CellData, defense: Defense) -> ImageSet:
+        """The defender's clean data: ``benign_fraction`` of the training set, from the holdout."""
+        if defense.benign_fraction is None:
+            return data.defender_benign
+        total = len(data.attacker_train) + len(data.defender_benign)
+        count = round(defense.benign_fraction * total)
+        if not 0 < count <= len(data.defender_benign):
+            raise BenchError(
+                f"defense {cell.defense.name!r}: benign_fraction {defense.benign_fraction} needs {count} clean "
+                f"samples but the holdout has {len(data.defender_benign)}; raise 'holdout' in the config"
+            )
+        index, _ = stratified_split(data.defender_benign.y, count, derive_seed(cell.seed, "benign-subset"))
+        return data.defender_benign.subset(index)
+
     def defense(self, cell: Cell, data: CellData, model: nn.Module) -> tuple[Defense, bool]:
         defense: Defense = instantiate(DEFENSES, cell.defense)
         defense.bind(model, self.device, derive_seed(cell.seed, "defense"))
@@ -133,7 +148,7 @@ class CellRunner:
         if state is not None:
             defense.load_state(state)
             return defense, True
-        defense.fit(data.defender_benign, generator(cell.seed, "defense-fit"))
+        defense.fit(self.benign_subset(cell, data, defense), generator(cell.seed, "defense-fit"))
         self.artifacts.save("defenses", cell.defense_key, defense.state())
         return defense, False
 

@@ -8,6 +8,11 @@ Lifecycle, driven by the grid runner:
    ``fit(benign, gen)`` followed by ``state()`` for the cache.
 4. ``defense.predict(x)`` -- logits of the defended classifier for float images in [0, 1].
 
+Input-transformation defenses override :meth:`transform` only: ``predict`` and ``features``
+(penultimate features for t-SNE) both see the transformed images. ``benign_fraction`` is the
+share of the *whole* training set the defense trains on; the runner draws it from the held-out
+clean split (``holdout`` in the grid config), so it cannot exceed the holdout.
+
 ``intensity_param`` names the parameter that trade-off curves sweep (ShrinkPad's ``pad``). When
 ``intensity_affects_fit`` is False the fitted state is shared across intensities, so sweeping
 the knob never retrains anything.
@@ -31,8 +36,6 @@ class Defense:
     intensity_param: ClassVar[str | None] = None
     trainable: ClassVar[bool] = False
     intensity_affects_fit: ClassVar[bool] = True
-    # Fraction of the training set the defender holds as clean data (used by trainable defenses).
-    default_benign_fraction: ClassVar[float] = 0.0
 
     def __init__(self, **params: Any) -> None:
         if params:
@@ -40,6 +43,8 @@ class Defense:
         self.model: nn.Module | None = None
         self.device = torch.device("cpu")
         self.seed = 0
+        # Share of the whole training set used as the defender's clean data; None = all held out.
+        self.benign_fraction: float | None = None
 
     def bind(self, model: nn.Module, device: torch.device, seed: int = 0) -> None:
         """Attach the frozen model; its parameters are never updated by a test-time defense."""
@@ -63,9 +68,19 @@ class Defense:
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state` returned."""
 
+    def transform(self, x: Tensor) -> Tensor:
+        """The defense's input transformation (identity unless overridden)."""
+        return x
+
     def predict(self, x: Tensor) -> Tensor:
+        """Logits of the defended classifier on float images in [0, 1]."""
         assert self.model is not None, "bind() the defense to a model first"
-        return self.model(x)
+        return self.model(self.transform(x))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate-layer features the frozen model computes on the transformed input."""
+        assert self.model is not None, "bind() the defense to a model first"
+        return self.model.features(self.transform(x))
 
     def describe(self) -> dict[str, Any]:
         """Parameters that determine the defense's effect (part of cache keys and records)."""

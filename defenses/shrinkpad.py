@@ -49,9 +49,8 @@ class ShrinkPad(Defense):
         super().bind(model, device, seed)
         self._gen = generator(seed, "shrinkpad", device=device)
 
-    def predict(self, x: Tensor) -> Tensor:
-        h = x.shape[-1]
+    def transform(self, x: Tensor) -> Tensor:
         if self.pad >= min(x.shape[-2:]):
-            raise BenchError(f"shrinkpad: pad {self.pad} must be smaller than the image size {h}")
-        assert self._gen is not None and self.model is not None
-        return self.model(shrink_pad(x, self.pad, self._gen))
+            raise BenchError(f"shrinkpad: pad {self.pad} must be smaller than the image size {x.shape[-1]}")
+        assert self._gen is not None, "bind() the defense to a model first"
+        return shrink_pad(x, self.pad, self._gen)
