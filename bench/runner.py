@@ -87,13 +87,14 @@ class CellRunner:
         if self._model_memo and self._model_memo[0] == key:
             return self._model_memo[1], True
         model = self._new_model(cell, data)
-        state = self.artifacts.load("models", key)
-        cached = state is not None
-        if cached:
-            model.load_state_dict(state)
-        else:
-            model = train_fn(model)
-            self.artifacts.save("models", key, {k: v.cpu() for k, v in model.state_dict().items()})
+        with self.artifacts.lock("models", key):  # a second worker waits, then loads what the first trained
+            state = self.artifacts.load("models", key)
+            cached = state is not None
+            if cached:
+                model.load_state_dict(state)
+            else:
+                model = train_fn(model)
+                self.artifacts.save("models", key, {k: v.cpu() for k, v in model.state_dict().items()})
         model.to(self.device).eval()
         self._model_memo = (key, model)
         return model, cached
@@ -144,12 +145,13 @@ class CellRunner:
         if not defense.trainable:
             return defense, True
         assert cell.defense_key is not None
-        state = self.artifacts.load("defenses", cell.defense_key)
-        if state is not None:
-            defense.load_state(state)
-            return defense, True
-        defense.fit(self.benign_subset(cell, data, defense), generator(cell.seed, "defense-fit"))
-        self.artifacts.save("defenses", cell.defense_key, defense.state())
+        with self.artifacts.lock("defenses", cell.defense_key):
+            state = self.artifacts.load("defenses", cell.defense_key)
+            if state is not None:
+                defense.load_state(state)
+                return defense, True
+            defense.fit(self.benign_subset(cell, data, defense), generator(cell.seed, "defense-fit"))
+            self.artifacts.save("defenses", cell.defense_key, defense.state())
         return defense, False
 
     # ----------------------------------------------------------------- one cell

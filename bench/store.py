@@ -14,10 +14,12 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+from filelock import FileLock
 
 
 def _atomic_write_bytes(data: bytes, path: Path) -> None:
@@ -49,6 +51,15 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     _atomic_write_bytes(buffer.getvalue(), path)
 
 
+def read_json(path: Path) -> Any | None:
+    """The parsed JSON file, or None when it is missing or unreadable."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
 def stable_hash(obj: Any, length: int = 16) -> str:
     """A short content hash of a JSON-able object, independent of dict key order."""
     raw = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
@@ -67,6 +78,16 @@ class ArtifactStore:
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.pt"
+
+    def exists(self, kind: str, key: str) -> bool:
+        """Whether the artifact is there (not whether it verifies: :meth:`load` checks that)."""
+        return self.path(kind, key).exists()
+
+    def lock(self, kind: str, key: str) -> FileLock:
+        """Hold it from a :meth:`load` miss to the :meth:`save`, so no two workers compute one artifact."""
+        from bench.locks import artifact_lock
+
+        return artifact_lock(self.root, kind, key)
 
     def load(self, kind: str, key: str) -> Any | None:
         path = self.path(kind, key)
