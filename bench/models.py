@@ -55,6 +55,21 @@ class Classifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
 
+    def embed_map(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last spatial feature map (N, C, h, w), before global pooling, of images in [0, 1].
+
+        Defenses that mask feature channels and positions (BTI-DBF) split the model here:
+        ``model(x) == model.head_from_map(model.feature_map(x))``.
+        """
+        return self.embed_map(self.normalize(x))
+
+    def head_from_map(self, z: Tensor) -> Tensor:
+        """Logits from a :meth:`feature_map`: global average pooling, then the head."""
+        return self.head(z.mean(dim=(2, 3)))
+
 
 @MODELS.register("small_cnn")
 class SmallCNN(Classifier):
@@ -78,6 +93,9 @@ class SmallCNN(Classifier):
 
     def embed(self, x: Tensor) -> Tensor:
         return self.body(x)
+
+    def embed_map(self, x: Tensor) -> Tensor:
+        return self.body[:-2](x)  # the conv blocks, without pooling and flattening
 
 
 class BasicBlock(nn.Module):
@@ -117,6 +135,9 @@ class CifarResNet18(Classifier):
     def embed(self, x: Tensor) -> Tensor:
         return self.pool(self.layers(self.stem(x)))
 
+    def embed_map(self, x: Tensor) -> Tensor:
+        return self.layers(self.stem(x))
+
 
 @MODELS.register("resnet18")
 class TorchvisionResNet18(Classifier):
@@ -135,6 +156,11 @@ class TorchvisionResNet18(Classifier):
 
     def embed(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def embed_map(self, x: Tensor) -> Tensor:
+        net = self.net
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
 def build_model(name: str, num_classes: int, in_channels: int, **params: object) -> Classifier:
