@@ -84,13 +84,29 @@ class DataPaths:
         return cls(Path(root).expanduser(), Path(cache_dir).expanduser())
 
 
-def load_dataset(name: str, paths: DataPaths, **params: object) -> DataSplit:
-    """Load a registered dataset by name; ``params`` are the loader's keyword arguments."""
+def load_dataset(
+    name: str, paths: DataPaths, train_subset: int | None = None, test_subset: int | None = None, **params: object
+) -> DataSplit:
+    """Load a registered dataset by name; ``params`` are the loader's keyword arguments.
+
+    ``train_subset`` / ``test_subset`` (any dataset) keep a stratified, fixed-seed subset of that
+    many images of a split: CPU-sized grids evaluate expensive test-time defenses (BDMAE restores
+    each image dozens of times) on part of the test set instead of all of it.
+    """
     loader: Callable[..., DataSplit] = DATASETS.get(name)
     try:
-        return loader(paths, **params)
+        split = loader(paths, **params)
     except TypeError as err:
         raise BenchError(f"dataset {name!r}: bad parameters {params}: {err}") from None
+    for key, size in (("train_subset", train_subset), ("test_subset", test_subset)):
+        part: ImageSet = getattr(split, key.removesuffix("_subset"))
+        if size is None or size == len(part):
+            continue
+        if not isinstance(size, int) or not 0 < size <= len(part):
+            raise BenchError(f"dataset {name!r}: {key} must be an integer in [1, {len(part)}], got {size!r}")
+        index, _ = stratified_split(part.y, size, seed=0)
+        setattr(split, key.removesuffix("_subset"), part.subset(index))
+    return split
 
 
 def stratified_split(y: Tensor, n_first: int, seed: int) -> tuple[Tensor, Tensor]:
