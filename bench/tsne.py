@@ -156,13 +156,19 @@ def embed(points: np.ndarray, seed: int) -> np.ndarray:
         from sklearn.decomposition import PCA
 
         points = PCA(PCA_DIMS, random_state=seed % 2**32).fit_transform(points)
-    try:
-        from openTSNE import TSNE as OpenTSNE
-    except ImportError:
-        from sklearn.manifold import TSNE
+    # torch's OpenMP workers keep spinning after a forward pass and starve scikit-learn's own
+    # OpenMP runtime (a 60-point t-SNE went from 0.6 s to 12 s); one thread per pool while embedding.
+    from threadpoolctl import threadpool_limits
 
-        return TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed % 2**32).fit_transform(points)
-    return np.asarray(OpenTSNE(2, perplexity=perplexity, random_state=seed % 2**32, n_jobs=1).fit(points))
+    with threadpool_limits(1):
+        try:
+            from openTSNE import TSNE as OpenTSNE
+        except ImportError:
+            from sklearn.manifold import TSNE
+
+            tsne = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed % 2**32)
+            return tsne.fit_transform(points)
+        return np.asarray(OpenTSNE(2, perplexity=perplexity, random_state=seed % 2**32, n_jobs=1).fit(points))
 
 
 # ----------------------------------------------------------------------------- drawing
