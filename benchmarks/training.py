@@ -1,0 +1,107 @@
+"""Training and evaluation throughput of the classifiers, under the paper and the fast recipes.
+
+Each (model, recipe) pair trains for ``--steps`` timed steps of the harness's own training loop
+(:func:`bench.train.train_classifier`: uint8 CIFAR-10 on the device, batched augmentation, bf16
+and channels_last on CUDA) after ``--warmup`` untimed ones, then evaluates the 10,000 test images (or ``--eval-images``)
+in the recipe config's evaluation batches. From the rate it derives the seconds per epoch over the
+attacker's training split (the training set minus the config's holdout) and the training time of
+the recipe's full epoch count: an estimate, since it extrapolates from a few steps.
+
+    python benchmarks/training.py [--models small_cnn cifar_resnet18] [--recipes paper fast] [--csv FILE]
+
+Recipes are read from ``configs/paper_cifar10.yaml`` (paper) and ``configs/fast_cifar_resnet18.yaml``
+(fast), or from any grid YAML given as a path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench.metrics import predict_labels
+from bench.models import build_model
+from bench.registry import MODELS
+from bench.train import train_classifier
+from benchmarks.common import (
+    add_common_args,
+    best_seconds,
+    describe_device,
+    device_from_args,
+    load_cifar10,
+    recipe_settings,
+    report,
+    script_main,
+)
+
+CSV_COLUMNS = ["model", "recipe", "batch_size", "epochs", "train_img_per_s", "epoch_s", "train_est_s",
+               "eval_img_per_s", "device"]  # fmt: skip
+
+
+def measure(model_name: str, recipe_name: str, args: argparse.Namespace, data, device: torch.device) -> dict:
+    recipe, holdout, eval_batch = recipe_settings(recipe_name)
+    train = data.train
+    test = data.test.x[: args.eval_images] if args.eval_images else data.test.x
+    n_train = len(train) - round(holdout * len(train))
+    batch = recipe.batch_size
+    model = build_model(model_name, train.num_classes, train.x.shape[1])
+    images = train.x.to(device)
+    labels = train.y.to(device)
+    one_epoch = replace(recipe, epochs=1)
+
+    def steps(count: int) -> None:
+        n = min(count * batch, len(train))
+        train_classifier(model, images[:n], labels[:n], one_epoch, device, seed=0, desc=f"{model_name} {recipe_name}")
+
+    steps(args.warmup)
+    train_s = best_seconds(lambda: steps(args.steps), device, args.repeats)
+    rate = min(args.steps * batch, len(train)) / train_s
+    eval_s = best_seconds(lambda: predict_labels(model, test, device, eval_batch), device, args.repeats)
+    epoch_s = (n_train // batch) * batch / rate
+    return {
+        "model": model_name, "recipe": recipe_name, "batch_size": batch, "epochs": recipe.epochs,
+        "train_img_per_s": round(rate, 1), "epoch_s": round(epoch_s, 2), "train_est_s": round(epoch_s * recipe.epochs, 1),
+        "eval_img_per_s": round(len(test) / eval_s, 1), "device": describe_device(device),
+    }  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["small_cnn", "cifar_resnet18"], help="registered models")
+    parser.add_argument("--recipes", nargs="+", default=["paper", "fast"], help="paper, fast, or grid YAML paths")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per repeat (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
+    parser.add_argument("--eval-images", type=int, default=None, help="test images evaluated (default: all 10,000)")
+    add_common_args(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    for name in args.models:
+        MODELS.get(name)
+    for name in args.recipes:
+        recipe_settings(name)  # a bad recipe fails before any data is loaded
+    device = device_from_args(args)
+    data = load_cifar10(args)
+    rows = []
+    for model_name in args.models:
+        for recipe_name in args.recipes:
+            rows.append(measure(model_name, recipe_name, args, data, device))
+            print(f"  {model_name} / {recipe_name}: {rows[-1]['train_img_per_s']:,.0f} train img/s", flush=True)
+    report(rows, CSV_COLUMNS, CSV_COLUMNS, args.csv, f"epoch_s and train_est_s are extrapolated from {args.steps} "
+           "timed steps (best of the repeats) to the attacker's split and the recipe's epochs.")  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
