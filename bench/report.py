@@ -281,13 +281,23 @@ def _run_summary(df: pd.DataFrame) -> str:
     return " · ".join(p for p in parts if p)
 
 
+def _config_name(config_text: str) -> str | None:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return None
+    return str(raw["name"]) if isinstance(raw, dict) and raw.get("name") else None
+
+
 def write_report(run_dir: Path, only: set[str] | None = None) -> Path:
     """``run_dir/report.html``: tables, every figure in ``figures/`` and the run configuration."""
     run_dir = Path(run_dir)
     df = records_frame(r for r in RecordStore(run_dir).read_all() if only is None or r["cell_id"] in only)
     config = run_dir / "config.yaml"
     config_text = config.read_text() if config.is_file() else "(no config.yaml in the run directory)"
-    name = run_dir.name
+    name = _config_name(config_text) or run_dir.name
     tables = [to_html(t, f"BA and ASR (%) on {d} / {m}; best defense per row in bold")
               for (d, m), t in paper_tables(df).items()]  # fmt: skip
     downloads = " · ".join(f'<a href="{f}">{f}</a>' for f in ("table.md", "table.csv", "table.tex", "cells.csv")

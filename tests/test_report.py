@@ -190,7 +190,7 @@ def test_report_page_has_table_figures_and_config(tmp_path: Path) -> None:
     assert page.count("<table>") == 1 and page.count("<b>") == 2 * len(ATTACKS)
     assert 'src="figures/tradeoff-x.png"' in page and 'href="figures/tsne-y.pdf"' in page
     assert page.index("Trade-off curves") < page.index("t-SNE")
-    assert "name: &lt;demo&gt;" in page
+    assert "name: &lt;demo&gt;" in page and "<h1>Run &lt;demo&gt;</h1>" in page
     assert expected([a for _, a in VALUES[("badnets", "refine")]]) in page
 
 
