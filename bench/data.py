@@ -98,15 +98,20 @@ def load_dataset(
         split = loader(paths, **params)
     except TypeError as err:
         raise BenchError(f"dataset {name!r}: bad parameters {params}: {err}") from None
-    for key, size in (("train_subset", train_subset), ("test_subset", test_subset)):
-        part: ImageSet = getattr(split, key.removesuffix("_subset"))
-        if size is None or size == len(part):
-            continue
-        if not isinstance(size, int) or not 0 < size <= len(part):
-            raise BenchError(f"dataset {name!r}: {key} must be an integer in [1, {len(part)}], got {size!r}")
-        index, _ = stratified_split(part.y, size, seed=0)
-        setattr(split, key.removesuffix("_subset"), part.subset(index))
-    return split
+    return subsample(split, train_subset, test_subset)
+
+
+def subsample(split: DataSplit, train_subset: int | None = None, test_subset: int | None = None) -> DataSplit:
+    """``split`` with a stratified, fixed-seed subset of ``*_subset`` images of train and/or test."""
+    parts = {}
+    for key, size in (("train", train_subset), ("test", test_subset)):
+        part: ImageSet = getattr(split, key)
+        if size is not None and size != len(part):
+            if not isinstance(size, int) or not 0 < size <= len(part):
+                raise BenchError(f"dataset {split.name!r}: {key}_subset must be an integer in [1, {len(part)}], got {size!r}")
+            part = part.subset(stratified_split(part.y, size, seed=0)[0])
+        parts[key] = part
+    return DataSplit(split.name, parts["train"], parts["test"])
 
 
 def stratified_split(y: Tensor, n_first: int, seed: int) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,348 @@
+"""BDMAE (Sun et al., 2023, "Mask and Restore: Blind Backdoor Defense at Test Time with Masked
+Autoencoder"): find the trigger's tokens per image, then restore them with a masked autoencoder.
+
+For each test image x with prediction y0 = f(x), on the autoencoder's token grid:
+
+1. **Initial scores.** ``init_rounds x init_masks`` random masks hiding ``mask_ratio`` of the
+   tokens are restored. The *label* score of a token is the share of masks that hide it *and*
+   change the prediction; the *structural* score is 1 - SSIM (11x11 Gaussian, sigma 1.5)
+   between x and the mean restoration so far, averaged within each token and over the rounds.
+   A trigger is what the model reacts to and what the autoencoder cannot reproduce.
+2. **Topology-aware refinement** (each score separately, ``refine_rounds`` times): take the
+   top-K tokens (structural: K = #tokens scoring >= ``struct_threshold``; label: K = mean score
+   x #tokens), grow a connected region of K/2 of them from a seed drawn by score (neighbours get
+   a ``topo_bonus``), restore only that region. If the prediction returns to y0 unchanged, the
+   region is not the trigger: its scores drop by ``refine_step`` and the rest of the top-K rise;
+   if it changes, the opposite. Triggers are compact, so scores concentrate on one blob.
+3. **Purification.** Fused score S = alpha S_struct + (1 - alpha) S_label. Tokens above each of
+   the thresholds 0.6, 0.55, ..., 0.4 are restored (thresholds are raised, x1/0.99 steps, until
+   less than ``max_restore`` of the tokens pass the lowest one, and the count is capped there);
+   the restorations are averaged and the frozen model classifies the result.
+
+All of it runs per image (the reference code sizes K over the whole batch, which makes an
+image's result depend on its batch-mates). ``max_restore`` is the intensity knob; it does not
+affect the fitted state (the autoencoder), so sweeping it never retrains.
+
+The autoencoder. The paper restores with an ImageNet-pretrained MAE (ViT-B/16 at 224 px);
+``mae_weights`` loads such a file (see :mod:`bench.mae` for the format; set ``mae`` to its
+architecture, e.g. ``{img_size: 224, patch_size: 16, embed_dim: 768, depth: 12, num_heads: 12,
+decoder_embed_dim: 512, decoder_depth: 8, decoder_num_heads: 16}``; images are then resized to
+224 and back). Without one, a small MAE is trained on the defender's benign images (labels
+unused) at the data's own resolution -- 4-px patches on 32-px images, an 8x8 token grid, rather
+than resizing to 224 -- which is the offline deviation from the paper. Everything else is label-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from bench.data import ImageSet
+from bench.errors import BenchError
+from bench.mae import MAEConfig, MAERecipe, MaskedAutoencoder, load_mae_weights, random_token_masks, train_mae
+from bench.registry import DEFENSES
+from bench.seeding import generator
+from bench.ssim import ssim_map
+from defenses.base import Defense
+
+# The autoencoder depends only on the benign images, the recipe and the seed -- not on the
+# backdoored model -- so cells that share them (several attacks) train it once per process.
+_MAE_MEMO: dict[str, dict[str, Tensor]] = {}
+
+
+# --------------------------------------------------------------------------- token-grid helpers
+
+
+def grid_adjacency(grid: int, device: torch.device | None = None) -> Tensor:
+    """(L, L) bool: 4-neighbourhood of a ``grid x grid`` token map in row-major order."""
+    idx = torch.arange(grid * grid, device=device)
+    row, col = idx // grid, idx % grid
+    drow = (row[:, None] - row[None, :]).abs()
+    dcol = (col[:, None] - col[None, :]).abs()
+    return (drow + dcol) == 1
+
+
+def top_k_mask(scores: Tensor, k: Tensor) -> Tensor:
+    """(N, L) bool selecting each row's ``k[i]`` highest scores (ties broken by position)."""
+    ranks = torch.argsort(torch.argsort(scores, dim=1, descending=True, stable=True), dim=1)
+    return ranks < k[:, None]
+
+
+def grow_regions(
+    scores: Tensor, allowed: Tensor, sizes: Tensor, adjacency: Tensor, gen: torch.Generator, bonus: float
+) -> Tensor:
+    """Grow one region of ``sizes[i]`` tokens inside ``allowed[i]`` per row (N, L) -> bool (N, L).
+
+    Each step takes the argmax of ``u * (score + bonus * is_neighbour)`` over allowed, unselected
+    tokens (u uniform): high scores and contact with the region are preferred, with randomness.
+    The first step has no neighbours, so the seed is a score-weighted random draw.
+    """
+    n, length = scores.shape
+    selected = torch.zeros(n, length, dtype=torch.bool, device=scores.device)
+    frontier = torch.zeros(n, length, device=scores.device)
+    blocked = (~allowed).float() * 100
+    for step in range(int(sizes.max().item()) if sizes.numel() else 0):
+        active = step < sizes
+        u = torch.rand(n, length, generator=gen, device=scores.device)
+        priority = u * (scores + bonus * frontier) - blocked - selected.float() * 100
+        pick = priority.argmax(1)
+        chosen = F.one_hot(pick, length).bool() & active[:, None]
+        selected |= chosen
+        frontier = (frontier + adjacency[pick].float() * active[:, None].float()).clamp(max=1)
+        frontier = frontier * (~selected).float()
+    return selected
+
+
+def refine_scores(
+    scores: Tensor,
+    k: Tensor,
+    restore_and_predict: Callable[[Tensor, Tensor], Tensor],
+    y0: Tensor,
+    adjacency: Tensor,
+    rounds: int,
+    step: float,
+    bonus: float,
+    gen: torch.Generator,
+    on_round: Callable[[], None] | None = None,
+) -> Tensor:
+    """Topology-aware refinement (see the module docstring); returns the refined scores.
+
+    ``restore_and_predict(mask, rows)`` restores the tokens ``mask`` hides in the images selected
+    by the bool vector ``rows`` and returns the model's labels for them.
+    """
+    scores = scores.clone()
+    for _ in range(rounds):
+        top = top_k_mask(scores, k)
+        region = grow_regions(scores, top, k // 2, adjacency, gen, bonus)
+        rest = top & ~region
+        pred = y0.clone()
+        rows = region.any(1)  # restoring nothing leaves x, hence y0: skip those rows
+        if bool(rows.any()):
+            pred[rows] = restore_and_predict(region[rows], rows)
+        beta = torch.where(pred == y0, step, -step).to(scores.dtype)[:, None]
+        scores = scores - beta * region.float() + beta * rest.float()
+        if on_round is not None:
+            on_round()
+    return scores
+
+
+def purification_masks(scores: Tensor, start: float, step: float, count: int, cap: float, shrink_steps: int = 200) -> Tensor:
+    """(count, N, L) bool masks of the tokens to restore at each threshold, nested, per image.
+
+    Thresholds are ``start, start - step, ...`` (0.6 .. 0.4). While at least ``cap`` of an
+    image's tokens pass the lowest one, all of that image's thresholds are raised (the distance
+    to 1 shrinks by 1 % per step, at most ``shrink_steps`` times); each mask also holds at most
+    ``floor(cap * L)`` tokens, so ``cap`` bounds the restored area.
+    """
+    n, length = scores.shape
+    distance = 1 - start + step * torch.arange(count, device=scores.device, dtype=scores.dtype)  # 0.4 .. 0.6
+    shrink = 0.99 ** torch.arange(shrink_steps + 1, device=scores.device, dtype=scores.dtype)
+    lowest = 1 - shrink * distance[-1]  # (S+1,)
+    share = (scores[:, None, :] >= lowest[None, :, None]).float().mean(-1)  # (N, S+1)
+    ok = share < cap
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(ok[:, 0], shrink_steps, dtype=torch.long))
+    thresholds = 1 - shrink[first][:, None] * distance[None, :]  # (N, count)
+    k = (scores[:, None, :] >= thresholds[:, :, None]).sum(-1).clamp(max=int(cap * length))  # (N, count)
+    return torch.stack([top_k_mask(scores, k[:, i]) for i in range(count)])
+
+
+# --------------------------------------------------------------------------- the defense
+
+
+@DEFENSES.register("bdmae")
+class BDMAE(Defense):
+    """Masked-autoencoder restoration of the tokens that trigger a prediction change (intensity: max_restore)."""
+
+    intensity_param = "max_restore"
+    trainable = True
+    intensity_affects_fit = False
+
+    def __init__(
+        self,
+        max_restore: float = 0.25,
+        mask_ratio: float = 0.75,
+        init_rounds: int = 5,
+        init_masks: int = 5,
+        refine_rounds: int = 10,
+        refine_step: float = 0.05,
+        topo_bonus: float = 0.5,
+        struct_threshold: float = 0.2,
+        alpha: float = 0.5,
+        threshold_start: float = 0.6,
+        threshold_step: float = 0.05,
+        num_thresholds: int = 5,
+        mae_weights: str | None = None,
+        mae: dict[str, Any] | None = None,
+        mae_train: dict[str, Any] | None = None,
+        benign_fraction: float | None = None,
+        **params: Any,
+    ) -> None:
+        super().__init__(**params)
+        if not 0 <= max_restore <= 1:
+            raise BenchError(f"bdmae: max_restore must be in [0, 1], got {max_restore}")
+        if not 0 < mask_ratio < 1:
+            raise BenchError(f"bdmae: mask_ratio must be in (0, 1), got {mask_ratio}")
+        for name, value in (("init_rounds", init_rounds), ("init_masks", init_masks), ("num_thresholds", num_thresholds)):
+            if not isinstance(value, int) or value < 1:
+                raise BenchError(f"bdmae: {name} must be a positive integer, got {value!r}")
+        if not isinstance(refine_rounds, int) or refine_rounds < 0:
+            raise BenchError(f"bdmae: refine_rounds must be a non-negative integer, got {refine_rounds!r}")
+        if not 0 <= alpha <= 1:
+            raise BenchError(f"bdmae: alpha must be in [0, 1], got {alpha}")
+        if benign_fraction is not None and not 0 < benign_fraction < 1:
+            raise BenchError(f"bdmae: benign_fraction must be in (0, 1), got {benign_fraction}")
+        self.max_restore = max_restore
+        self.mask_ratio = mask_ratio
+        self.init_rounds = init_rounds
+        self.init_masks = init_masks
+        self.refine_rounds = refine_rounds
+        self.refine_step = refine_step
+        self.topo_bonus = topo_bonus
+        self.struct_threshold = struct_threshold
+        self.alpha = alpha
+        self.threshold_start = threshold_start
+        self.threshold_step = threshold_step
+        self.num_thresholds = num_thresholds
+        self.mae_weights = mae_weights
+        self.mae = dict(mae or {})
+        self.mae_train = dict(mae_train or {})
+        self.benign_fraction = benign_fraction
+        try:
+            self._recipe = MAERecipe(**self.mae_train)
+        except (TypeError, ValidationError, ValueError) as err:
+            raise BenchError(f"bdmae: bad mae_train {self.mae_train}: {err}") from None
+        self._mae: MaskedAutoencoder | None = None
+        self._gen: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ fitting
+    def bind(self, model: torch.nn.Module, device: torch.device, seed: int = 0) -> None:
+        super().bind(model, device, seed)
+        self._gen = generator(seed, "bdmae", device=device)
+
+    def mae_config(self, channels: int, size: int) -> MAEConfig:
+        """The autoencoder's architecture: the data's size and channels unless ``mae`` says otherwise."""
+        params = {"img_size": size, "in_chans": channels, "patch_size": 4 if size < 100 else 16, **self.mae}
+        try:
+            return MAEConfig(**params)
+        except (TypeError, ValidationError, ValueError) as err:
+            raise BenchError(f"bdmae: bad MAE architecture {params}: {err}") from None
+
+    def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
+        _, c, h, w = benign.x.shape
+        if h != w:
+            raise BenchError(f"bdmae: square images are needed for the token grid, got {h}x{w}")
+        config = self.mae_config(c, h)
+        mae = MaskedAutoencoder(config)
+        if self.mae_weights:
+            load_mae_weights(mae, self.mae_weights)
+        else:
+            key = hashlib.sha256(benign.x.numpy().tobytes()).hexdigest() + repr((asdict(config), asdict(self._recipe)))
+            key += str(gen.initial_seed())
+            if key not in _MAE_MEMO:
+                train_mae(mae, benign.x, self._recipe, self.device, gen)
+                _MAE_MEMO[key] = {k: v.detach().cpu().clone() for k, v in mae.state_dict().items()}
+            mae.load_state_dict(_MAE_MEMO[key])
+        self._mae = mae.to(self.device).eval()
+
+    def state(self) -> dict[str, Any]:
+        assert self._mae is not None, "fit() first"
+        return {"config": asdict(self._mae.config), "mae": {k: v.cpu() for k, v in self._mae.state_dict().items()}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        mae = MaskedAutoencoder(MAEConfig(**state["config"]))
+        mae.load_state_dict(state["mae"])
+        self._mae = mae.to(self.device).eval()
+
+    # ------------------------------------------------------------------ restoration
+    def restore(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Replace the tokens hidden by ``mask`` (N, L) with the autoencoder's restoration."""
+        assert self._mae is not None, "fit() or load_state() first"
+        mae = self._mae
+        size = mae.config.img_size
+        if x.shape[-1] == size and x.shape[1] == mae.config.in_chans:
+            return mae.restore(x, mask)
+        inner = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if inner.shape[1] != mae.config.in_chans:
+            inner = inner.mean(1, keepdim=True).expand(-1, mae.config.in_chans, -1, -1)
+        rec = mae.reconstruct(inner, mask)
+        rec = F.interpolate(rec, size=x.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+        if rec.shape[1] != x.shape[1]:
+            rec = rec.mean(1, keepdim=True).expand_as(x)
+        pixels = F.interpolate(mae.token_mask_to_pixels(mask), size=x.shape[-2:], mode="nearest")
+        return x * (1 - pixels) + rec * pixels
+
+    def pixel_mask(self, mask: Tensor, size: tuple[int, int]) -> Tensor:
+        assert self._mae is not None
+        return F.interpolate(self._mae.token_mask_to_pixels(mask), size=size, mode="nearest")
+
+    def _labels(self, x: Tensor) -> Tensor:
+        assert self.model is not None
+        return self.model(x).argmax(1)
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def token_scores(self, x: Tensor, bar: Any = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Refined (structural, label) scores (N, L) and the original predictions y0."""
+        assert self._mae is not None and self._gen is not None, "bind() and fit() first"
+        mae, gen = self._mae, self._gen
+        n, length, grid = x.shape[0], mae.num_tokens, mae.grid
+        tick = bar.update if bar is not None else (lambda *a: None)
+        y0 = self._labels(x)
+        changed = torch.zeros(n, length, device=x.device)
+        restored_sum = torch.zeros_like(x)
+        restored_count = torch.zeros(n, 1, *x.shape[-2:], device=x.device)
+        structural = torch.zeros(n, length, device=x.device)
+        for _ in range(self.init_rounds):
+            for _ in range(self.init_masks):
+                mask = random_token_masks(n, length, self.mask_ratio, gen, x.device)
+                restored = self.restore(x, mask)
+                flipped = (self._labels(restored) != y0).float()
+                changed += mask.float() * flipped[:, None]
+                pixels = self.pixel_mask(mask, x.shape[-2:])
+                restored_sum += restored * pixels
+                restored_count += pixels
+                tick()
+            mean_restoration = torch.where(restored_count > 0, restored_sum / restored_count.clamp(min=1), x)
+            dissimilarity = 1 - ssim_map(x, mean_restoration)
+            structural += F.adaptive_avg_pool2d(dissimilarity[:, None], grid).flatten(1)
+        structural /= self.init_rounds
+        label = changed / (self.init_rounds * self.init_masks)
+
+        adjacency = grid_adjacency(grid, x.device)
+
+        def restore_and_predict(mask: Tensor, rows: Tensor) -> Tensor:
+            return self._labels(self.restore(x[rows], mask))
+
+        refine = dict(restore_and_predict=restore_and_predict, y0=y0, adjacency=adjacency, rounds=self.refine_rounds,
+                      step=self.refine_step, bonus=self.topo_bonus, gen=gen, on_round=tick)  # fmt: skip
+        k_struct = (structural >= self.struct_threshold).sum(1)
+        structural = refine_scores(structural, k_struct, **refine)
+        k_label = (label.mean(1) * length).long()
+        label = refine_scores(label, k_label, **refine)
+        return structural, label, y0
+
+    @torch.no_grad()
+    def transform(self, x: Tensor) -> Tensor:
+        """The purified images: the averaged restorations of each image's top-scoring tokens."""
+        passes = self.init_rounds * self.init_masks + 2 * self.refine_rounds + self.num_thresholds
+        with tqdm(total=passes, desc=f"bdmae: purify {x.shape[0]} images", leave=False, disable=None) as bar:
+            structural, label, _ = self.token_scores(x, bar)
+            fused = self.alpha * structural + (1 - self.alpha) * label
+            masks = purification_masks(fused, self.threshold_start, self.threshold_step, self.num_thresholds,
+                                       self.max_restore)  # fmt: skip
+            total = torch.zeros_like(x)
+            count = torch.zeros(x.shape[0], 1, *x.shape[-2:], device=x.device)
+            for mask in masks:
+                if bool(mask.any()):
+                    pixels = self.pixel_mask(mask, x.shape[-2:])
+                    total += self.restore(x, mask) * pixels
+                    count += pixels
+                bar.update()
+        return torch.where(count > 0, total / count.clamp(min=1), x)
