@@ -1,18 +1,42 @@
-"""Run a whole grid into a run directory, skipping cells that already have a record."""
+"""Run a whole grid into a run directory: compile, plan, execute, then tables and figures.
+
+The grid compiles into cells (:mod:`bench.grid`), the cells into a plan of the jobs still
+missing (:mod:`bench.plan`), and the plan runs on a backend (:mod:`bench.executors`,
+:mod:`bench.ray_backend`) under the scheduler (:mod:`bench.scheduler`). Everything that can be
+checked (config, plugin names and parameters, the data) is checked before the run directory is
+touched; a job that fails at run time is recorded and the others go on.
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
-from tqdm.auto import tqdm
+import torch
 
 from bench.config import GridConfig
 from bench.data import DataPaths
 from bench.device import resolve_device
+from bench.errors import BenchError
+from bench.executors import (
+    Executor,
+    InlineExecutor,
+    ProcessExecutor,
+    WorkerSpec,
+    absolute_paths,
+    plugin_modules,
+)
 from bench.grid import Cell, compile_grid
-from bench.report import write_tables
+from bench.locks import RunLock
+from bench.plan import build_plan
+from bench.report import make_figures, write_tables
 from bench.runner import CellRunner
-from bench.store import ArtifactStore, RecordStore, atomic_write_text
+from bench.scheduler import execute_plan
+from bench.status import JobBook
+from bench.store import ArtifactStore, RecordStore, atomic_write_text, remove_stale_temps
+
+BACKENDS = ("local", "ray")
 
 
 def write_config_snapshot(config: GridConfig, run_dir: Path) -> None:
@@ -21,23 +45,107 @@ def write_config_snapshot(config: GridConfig, run_dir: Path) -> None:
     atomic_write_text(yaml.safe_dump(config.resolved(), sort_keys=False), run_dir / "config.yaml")
 
 
+def default_workers(device: torch.device) -> int:
+    """One worker per visible GPU when running on CUDA (no index given), else one."""
+    if device.type == "cuda" and device.index is None:
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+def worker_specs(base: WorkerSpec, device: torch.device, workers: int) -> list[WorkerSpec]:
+    """Worker ``i`` on GPU ``i`` (round robin); CPU workers share the cores between them."""
+    if device.type == "cuda" and device.index is None:
+        count = max(1, torch.cuda.device_count())
+        return [WorkerSpec(base.config, base.paths, f"cuda:{i % count}", None, base.plugin_modules)
+                for i in range(workers)]  # fmt: skip
+    threads = None
+    if device.type == "cpu" and workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            threads = min(threads, int(os.environ["OMP_NUM_THREADS"]))
+    return [WorkerSpec(base.config, base.paths, str(device), threads, base.plugin_modules) for _ in range(workers)]
+
+
+def make_executor(
+    backend: str,
+    base: WorkerSpec,
+    device: torch.device | None,
+    workers: int | None,
+    address: str | None,
+    runner: CellRunner | None,
+) -> Executor:
+    if backend == "ray":
+        from bench.ray_backend import RayExecutor
+
+        return RayExecutor(base, address, workers)
+    assert device is not None
+    workers = workers or default_workers(device)
+    if workers == 1:
+        return InlineExecutor(WorkerSpec(base.config, base.paths, str(device), None, base.plugin_modules), runner)
+    return ProcessExecutor(worker_specs(base, device, workers))
+
+
 def run_grid(
     config: GridConfig,
     run_dir: Path,
     paths: DataPaths,
     device: str | None = None,
+    tsne: bool = False,
+    *,
+    workers: int | None = None,
+    backend: str = "local",
+    address: str | None = None,
 ) -> tuple[list[Cell], int, str]:
-    """Compute every unfinished cell; return (cells, number computed now, Markdown table)."""
+    """Compute every unfinished cell; return (cells, number computed now, Markdown table).
+
+    A job that fails is recorded (``status``, ``logs/``) and never raised: a cell without a record
+    after the call is a failed one.
+
+    ``workers`` parallel workers (local default: one per visible GPU, else one, in this
+    process); ``backend="ray"`` runs the jobs as Ray tasks (``address``: an existing cluster).
+    At the end the run directory gets its tables, the figures its grid allows and report.html;
+    ``tsne`` adds the t-SNE figure (it re-embeds test images through every panel's model).
+    """
+    if backend not in BACKENDS:
+        raise BenchError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
+    if address is not None and backend != "ray":
+        raise BenchError("--address is for --backend ray")
+    if workers is not None and workers < 1:
+        raise BenchError(f"--workers must be >= 1, got {workers}")
     cells = compile_grid(config)  # validates names and parameters before any work
-    dev = resolve_device(device or config.device)
+    spec = device or config.device
+    # Ray workers choose their own device; the driver's is for the figures only.
+    dev = resolve_device(spec) if backend == "local" else None
     run_dir = Path(run_dir)
+    paths = absolute_paths(paths)
     records = RecordStore(run_dir)
-    pending = [c for c in cells if not records.has(c.cell_id)]
-    runner = CellRunner(config, paths, ArtifactStore(paths.cache_dir), dev)
-    if pending:
-        runner.dataset(pending[0].dataset)  # fail on missing data before creating the run dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config_snapshot(config, run_dir)
-    for cell in tqdm(pending, desc="grid", unit="cell", disable=None):
-        records.write(runner.run(cell))
-    return cells, len(pending), write_tables(run_dir, {c.cell_id for c in cells})
+    runner = None
+    if any(not records.has(c.cell_id) for c in cells):
+        # Fail on missing data before creating the run dir; this also fills the decoded-data cache
+        # that the workers read.
+        runner = CellRunner(config, paths, ArtifactStore(paths.cache_dir), dev or torch.device("cpu"))
+        for dataset in {c.dataset.model_dump_json(exclude={"label"}): c.dataset for c in cells}.values():
+            runner.dataset(dataset)
+    base = WorkerSpec(config, paths, str(dev) if dev else str(spec), None, plugin_modules(config))
+    with RunLock(run_dir):
+        remove_stale_temps(run_dir)  # debris of a killed writer; the run lock says no one else writes here
+        write_config_snapshot(config, run_dir)
+        plan = build_plan(cells, records, ArtifactStore(paths.cache_dir))
+        book = JobBook(run_dir, uuid.uuid4().hex[:12])
+        outcome = None
+        if plan.jobs:
+            executor = make_executor(backend, base, dev, workers, address, runner)
+            runner = None  # spawned workers load their own data
+            book.begin(plan, backend=backend, workers=executor.slots)
+            try:
+                outcome = execute_plan(plan, executor, book, records)
+            finally:
+                executor.close()
+                book.end("finished" if outcome is not None else "interrupted")
+        else:
+            book.begin(plan, backend=backend, workers=0)
+            book.end("finished")
+    ids = {c.cell_id for c in cells}
+    markdown = write_tables(run_dir, ids)
+    make_figures(run_dir, paths, dev, only=ids, tsne=tsne, strict=False)
+    return cells, outcome.records_written if outcome else 0, markdown

@@ -37,6 +37,14 @@ def _atomic_write_bytes(data: bytes, path: Path) -> None:
         raise
 
 
+def remove_stale_temps(root: Path) -> list[Path]:
+    """Delete the temporary files of writers killed before their rename (call under a lock)."""
+    removed = [p for p in Path(root).rglob(".*.tmp") if p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def atomic_write_text(text: str, path: Path) -> None:
     _atomic_write_bytes(text.encode("utf-8"), path)
 

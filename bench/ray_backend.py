@@ -1,0 +1,87 @@
+"""The Ray executor: each plan job is a Ray task; artifacts meet in the shared cache directory.
+
+``--backend ray`` without ``--address`` starts a private local Ray instance (``--workers`` CPUs
+when given); with ``--address`` it joins a running cluster (``auto``, ``HOST:PORT``). The
+driver keeps the plan and the scheduling, so a job is submitted only when its inputs exist and
+a slot is free; each task asks for one GPU when the cluster has GPUs, else for one CPU. Tasks
+reuse Ray's worker processes, and with them the process-wide runner of :mod:`bench.executors`.
+
+What a cluster needs: this package importable on every node (same version), and the cache
+directory (``--cache-dir``) and data root on a file system every node mounts at the same path;
+records and logs are written by the driver only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from bench.errors import BenchError
+from bench.executors import JobResult, WorkerSpec, error_line, failure, run_job
+from bench.plan import Job
+
+
+def _ray_job(spec: WorkerSpec, job: Job) -> JobResult:
+    """Body of the Ray task: pin the assigned GPU or CPU count, then run the job."""
+    import ray
+
+    context = ray.get_runtime_context()
+    cpus = int(context.get_assigned_resources().get("CPU", 1)) or 1
+    device = "cuda:0" if ray.get_gpu_ids() else "cpu"  # Ray narrows CUDA_VISIBLE_DEVICES to the task's GPU
+    return run_job(replace(spec, device=device, threads=cpus), job)
+
+
+class RayExecutor:
+    """Run jobs as Ray tasks, at most ``slots`` at a time."""
+
+    def __init__(self, spec: WorkerSpec, address: str | None = None, workers: int | None = None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise BenchError(
+                "--backend ray needs Ray: pip install 'backdoor-bench[ray]' (or pip install ray)"
+            ) from None
+        self._ray = ray
+        if address is None:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        else:
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except ConnectionError as err:
+                raise BenchError(f"cannot reach the Ray cluster at {address!r}: {err}") from None
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        if spec.device.startswith("cuda") and not gpus:
+            ray.shutdown()
+            raise BenchError(f"device {spec.device!r} requested but the Ray cluster has no GPU")
+        if spec.device == "cpu":
+            gpus = 0
+        self.slots = workers or gpus or max(1, int(resources.get("CPU", 1)))
+        options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+        self._task = ray.remote(max_retries=0, **options)(_ray_job)
+        self._spec = ray.put(spec)
+        self._running: dict[Any, tuple[int, Job]] = {}
+        self._desc = f"ray task ({'1 GPU' if gpus else '1 CPU'})"
+
+    def where(self, slot: int) -> str:
+        return f"{self._desc}, slot {slot}"
+
+    def start(self, slot: int, job: Job) -> None:
+        self._running[self._task.remote(self._spec, job)] = (slot, job)
+
+    def wait(self) -> list[tuple[int, JobResult]]:
+        done, _ = self._ray.wait(list(self._running), num_returns=1)
+        out = []
+        for ref in done:
+            slot, job = self._running.pop(ref)
+            try:
+                out.append((slot, self._ray.get(ref)))
+            except Exception as err:  # the worker process died, the node was lost, ...
+                out.append((slot, failure(job.job_id, error_line(err), str(err))))
+        return out
+
+    def close(self) -> None:
+        for ref in self._running:
+            self._ray.cancel(ref, force=True)
+        self._running.clear()
+        self._ray.shutdown()

@@ -1,0 +1,92 @@
+"""Helpers for tests that run whole grids through the command line in a subprocess.
+
+Subprocesses run with one BLAS thread, like every worker of the parallel backends, so that runs
+on different backends are bit-for-bit comparable (CPU kernels are deterministic for a fixed
+thread count). The uninterrupted reference run is computed once per test session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Four cells on two backdoored models: enough for "some records exist, others do not yet".
+GRID = {
+    "datasets": [{"name": "mnist5k", "train_size": 3000}],
+    "models": [{"name": "small_cnn", "width": 8}],
+    "attacks": ["badnets", {"name": "blended", "alpha": 0.1}],
+    "defenses": ["none", {"name": "shrinkpad", "pad": 2}],
+    "seeds": [0],
+    "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "milestones": [], "crop_padding": 2, "flip": False},
+}
+N_CELLS = 4
+
+_REFERENCE: dict[str, Path] = {}
+
+
+def write_grid(path: Path, grid: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump(grid or GRID, sort_keys=False))
+    return path
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def cli_command(config: Path, run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "run_bench.py"), "run", str(config), "--out", str(run_dir),
+            "--cache-dir", str(cache_dir), "--device", "cpu", "--no-tsne", *extra]  # fmt: skip
+
+
+def run_cli(
+    config: Path, run_dir: Path, cache_dir: Path, *extra: str, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(config, run_dir, cache_dir, *extra), cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def reference_run(tmp_path_factory: Any) -> Path:
+    """The run directory of an uninterrupted, single-worker run of :data:`GRID` (once per session).
+
+    It runs in this process (no start-up cost) with one thread, like the subprocesses.
+    """
+    if "run" not in _REFERENCE:
+        import torch
+
+        from bench.config import load_config
+        from bench.data import DataPaths
+        from bench.execute import run_grid
+
+        base = tmp_path_factory.mktemp("reference")
+        config = load_config(write_grid(base / "grid.yaml"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            cells, computed, _ = run_grid(config, base / "run", DataPaths(base / "data", base / "cache"), "cpu")
+        finally:
+            torch.set_num_threads(threads)
+        assert len(cells) == computed == N_CELLS
+        _REFERENCE["run"] = base / "run"
+    return _REFERENCE["run"]
+
+
+def assert_complete_files(run_dir: Path, allow_temps: bool = False) -> None:
+    """Every JSON file parses and every record is a whole record; no temporary file is left
+    behind unless ``allow_temps`` (a writer killed between writing and renaming leaves one,
+    under a hidden temporary name that no reader opens; the next run removes it)."""
+    leftovers = [p for p in run_dir.rglob("*") if p.is_file() and p.name.endswith(".tmp")]
+    assert allow_temps or not leftovers, f"temporary files left behind: {leftovers}"
+    assert all(p.name.startswith(".") for p in leftovers)
+    for path in run_dir.rglob("*.json"):
+        json.loads(path.read_text())  # raises on a truncated file
+    for path in (run_dir / "records").glob("*.json"):
+        record = json.loads(path.read_text())
+        assert record["cell_id"] == path.stem and "ba" in record and "asr" in record

@@ -1,0 +1,80 @@
+"""Failure isolation: a defense that raises fails its cell only; user errors stop before any work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from gridrun import GRID, write_grid
+
+from bench.cli import main
+from bench.registry import DEFENSES
+from defenses.base import Defense
+
+
+class ExplodingDefense(Defense):
+    """Test-only: a trainable defense whose fit always raises."""
+
+    name = "exploding"
+    trainable = True
+
+    def fit(self, benign: Any, gen: Any) -> None:
+        raise RuntimeError("exploding defense: fit always fails\nsecond line of the message")
+
+
+@pytest.fixture
+def exploding(monkeypatch):
+    """Registered for this test only, so no other test (or conformance check) ever sees it."""
+    DEFENSES.names()  # load the built-ins first
+    monkeypatch.setitem(DEFENSES._items, "exploding", ExplodingDefense)
+
+
+def test_failing_defense_fails_its_cell_only(tmp_path, exploding, capsys):
+    grid = {**GRID, "attacks": ["badnets"], "defenses": ["none", "exploding", {"name": "shrinkpad", "pad": 2}]}
+    config = write_grid(tmp_path / "grid.yaml", grid)
+    run_dir = tmp_path / "run"
+    args = ["run", str(config), "--out", str(run_dir), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+            "--no-tsne"]  # fmt: skip
+
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "failed: mnist5k/small_cnn badnets / exploding seed 0" in err
+    assert "RuntimeError: exploding defense: fit always fails" in err
+    records = sorted((run_dir / "records").glob("*.json"))
+    assert len(records) == 2  # none and shrinkpad finished all the same
+
+    assert main(["status", str(run_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "3 cells: 2 done, 0 running, 1 failed, 0 pending" in lines[0]
+    failed = [line for line in lines[1:] if line.startswith("failed")]
+    assert len(failed) == 1 and "badnets / exploding" in failed[0]
+    assert "RuntimeError: exploding defense: fit always fails" in failed[0]
+    assert "second line" not in failed[0]
+    assert sorted(line.split()[0] for line in lines[1:]) == ["done", "done", "failed"]
+
+    log = failed[0].rsplit("[", 1)[1].rstrip("]")
+    text = (run_dir / log).read_text()
+    assert "Traceback (most recent call last)" in text and "in fit" in text and "second line" in text
+
+    # A rerun retries the failed cell only: the finished ones are left as they are.
+    before = {p: p.read_bytes() for p in records}
+    assert main(args) == 1
+    assert "0 computed, 2 already done, 1 failed" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in records} == before
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--address", "auto"], "--address is for --backend ray"),
+        (["--set", "defenses=[none, nosuchdefense]"], "unknown defense 'nosuchdefense'"),
+    ],
+)
+def test_user_errors_exit_2_before_any_work(tmp_path, capsys, extra, message):
+    config = write_grid(tmp_path / "grid.yaml")
+    run_dir = tmp_path / "run"
+    args = ["run", str(config), "--out", str(run_dir), "--cache-dir", str(tmp_path / "cache"), *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()

@@ -1,0 +1,173 @@
+"""The job plan (one job per distinct artifact), the scheduler's failure handling, artifact locks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import bench.runner
+from bench.config import GridConfig
+from bench.data import DataPaths
+from bench.executors import JobResult
+from bench.grid import compile_grid
+from bench.plan import Job, build_plan
+from bench.registry import DEFENSES
+from bench.runner import CellRunner
+from bench.scheduler import execute_plan
+from bench.status import JobBook, run_status
+from bench.store import ArtifactStore, RecordStore
+from defenses.base import Defense
+
+
+class SharedFitDefense(Defense):
+    """Test-only: trainable, and its intensity knob does not change the fitted state."""
+
+    name = "shared_fit"
+    trainable = True
+    intensity_param = "k"
+    intensity_affects_fit = False
+
+    def __init__(self, k: int = 1, **params: Any) -> None:
+        super().__init__(**params)
+        self.k = k
+
+
+@pytest.fixture
+def shared_fit(monkeypatch):
+    DEFENSES.names()
+    monkeypatch.setitem(DEFENSES._items, "shared_fit", SharedFitDefense)
+
+
+def _config(**changes: Any) -> GridConfig:
+    raw = {
+        "datasets": ["mnist5k"],
+        "models": [{"name": "small_cnn", "width": 8}],
+        "attacks": ["badnets", {"name": "blended", "alpha": 0.1}],
+        "defenses": ["none", {"name": "shrinkpad", "pad": [2, 4]}, {"name": "shared_fit", "k": [1, 2, 3]}],
+        "seeds": [0, 1],
+        "train": {"epochs": 1, "batch_size": 128, "milestones": [], "flip": False},
+    }
+    return GridConfig.model_validate({**raw, **changes})
+
+
+def test_plan_has_one_job_per_distinct_artifact(tmp_path, shared_fit):
+    cells = compile_grid(_config())
+    plan = build_plan(cells, RecordStore(tmp_path / "run"), ArtifactStore(tmp_path / "cache"))
+    kinds = [job.kind for job in plan]
+    assert len(cells) == 2 * 2 * 6
+    assert kinds.count("model") == 4  # attacks x seeds
+    assert kinds.count("defense") == 4  # shared_fit's three intensities share one fitted state
+    assert kinds.count("cell") == len(cells)
+    seen: set[str] = set()
+    for job in plan:  # topological order: every dependency comes first
+        assert set(job.deps) <= seen
+        seen.add(job.job_id)
+    for cell in cells:
+        chain = plan.cell_jobs(cell)
+        assert chain[0] == f"model-{cell.model_key}" and chain[-1] == f"cell-{cell.cell_id}"
+        assert (f"defense-{cell.defense_key}" in chain) == (cell.defense.name == "shared_fit")
+    first = cells[0]
+    doomed = plan.dependents(f"model-{first.model_key}")
+    assert len(doomed) == 1 + 6  # its defense job and the six cells of that model
+    assert all(plan.jobs[j].cell.model_key == first.model_key for j in doomed)
+
+
+def test_plan_skips_finished_records_and_cached_artifacts(tmp_path, shared_fit):
+    cells = compile_grid(_config())
+    artifacts, records = ArtifactStore(tmp_path / "cache"), RecordStore(tmp_path / "run")
+    cached = cells[0]
+    artifacts.save("models", cached.model_key, {"w": torch.zeros(1)})
+    records.write({"cell_id": cells[1].cell_id})
+    plan = build_plan(cells, records, artifacts)
+    assert plan.done_cells == {cells[1].cell_id}
+    assert f"model-{cached.model_key}" not in plan.jobs
+    assert plan.jobs[f"cell-{cached.cell_id}"].deps == ()
+    assert f"cell-{cells[1].cell_id}" not in plan.jobs
+    assert sum(job.kind == "model" for job in plan) == 3
+
+
+class ScriptedExecutor:
+    """Two slots; every job succeeds at once except those listed in ``fail``."""
+
+    slots = 2
+
+    def __init__(self, fail: set[str]) -> None:
+        self.fail = fail
+        self.started: list[str] = []
+        self._queue: list[tuple[int, Job]] = []
+
+    def where(self, slot: int) -> str:
+        return f"slot {slot}"
+
+    def start(self, slot: int, job: Job) -> None:
+        self.started.append(job.job_id)
+        self._queue.append((slot, job))
+
+    def wait(self) -> list[tuple[int, JobResult]]:
+        slot, job = self._queue.pop(0)
+        if job.job_id in self.fail:
+            return [(slot, JobResult(job.job_id, False, error="ValueError: scripted", traceback="Traceback: scripted"))]
+        record = {"cell_id": job.cell.cell_id, "ba": 1.0, "asr": 2.0} if job.kind == "cell" else None
+        return [(slot, JobResult(job.job_id, True, record=record))]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failed_job_skips_its_dependents_and_nothing_else(tmp_path, shared_fit):
+    cells = compile_grid(_config())
+    run_dir = tmp_path / "run"
+    records = RecordStore(run_dir)
+    plan = build_plan(cells, records, ArtifactStore(tmp_path / "cache"))
+    broken = next(job for job in plan if job.kind == "defense")
+    executor = ScriptedExecutor({broken.job_id})
+    book = JobBook(run_dir, "test")
+    book.begin(plan)
+    outcome = execute_plan(plan, executor, book, records)
+    book.end("finished")
+
+    skipped = plan.dependents(broken.job_id)
+    assert len(skipped) == 3  # the three intensities that share the fitted state
+    assert set(outcome.failed) == {broken.job_id, *skipped}
+    assert not set(skipped) & set(executor.started)  # never started
+    assert outcome.records_written == len(cells) - 3
+    assert len(outcome.finished) + len(outcome.failed) == len(plan)
+    _, statuses = run_status(run_dir)
+    failed = [s for s in statuses if s.state == "failed"]
+    assert len(failed) == 3 and all("ValueError: scripted" in s.detail for s in failed)
+    assert (run_dir / "logs" / f"{broken.job_id}.log").read_text().count("Traceback: scripted") == 1
+
+
+def test_two_workers_never_train_the_same_model(tmp_path, monkeypatch):
+    """Two runners (as in two worker processes) ask for one missing model at once: one trains it."""
+    config = _config(attacks=["badnets"], defenses=["none"], seeds=[0])
+    cell = compile_grid(config)[0]
+    paths = DataPaths(Path("unused"), tmp_path / "cache")
+    runners = [CellRunner(config, paths, ArtifactStore(tmp_path / "cache"), torch.device("cpu")) for _ in range(2)]
+    trained: list[int] = []
+
+    def slow_training(model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        trained.append(1)
+        time.sleep(0.5)  # long enough for the other runner to arrive while the lock is held
+        torch.nn.init.constant_(model.head.weight, 0.25)
+        return model
+
+    monkeypatch.setattr(bench.runner, "train_classifier", slow_training)
+    models: list[torch.nn.Module] = []
+
+    def work(runner: CellRunner) -> None:
+        data = runner.cell_data(cell)
+        models.append(runner.backdoored_model(cell, data, runner.fitted_attack(cell, data))[0])
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in runners]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(trained) == 1
+    assert len(models) == 2 and all(float(m.head.weight.detach().mean()) == 0.25 for m in models)
