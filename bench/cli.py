@@ -1,4 +1,4 @@
-"""The command line: ``run_bench.py run|table|list``.
+"""The command line: ``run_bench.py run|table|status|list``.
 
 User errors (:class:`bench.errors.BenchError`) print one line ``error: ...`` on stderr and exit
 with status 2, like argparse's own usage errors; nothing is left half-written because every
@@ -37,11 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: results/<config name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    run.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="parallel workers (default: one per visible GPU, else 1; with --backend ray: "
+                          "the cluster's GPUs, else its CPUs)")
+    run.add_argument("--backend", choices=("local", "ray"), default="local",
+                     help="local: worker processes on this machine (default); ray: one Ray task per job")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster to join (auto, HOST:PORT); default: start a local Ray instance")
     _common(run)
 
     table = sub.add_parser("table", help="rebuild and print the tables of a run directory",
                            description="Rebuild cells.csv and table.{md,csv,tex} from a run's records.")
     table.add_argument("run_dir", help="a run directory written by 'run'")
+
+    status = sub.add_parser("status", help="show which cells of a run are done, running, failed or pending",
+                            description="One line per cell: done (BA, ASR), running (which job, where), "
+                                        "failed (the error's first line and its log), pending.")
+    status.add_argument("run_dir", help="a run directory written by 'run'")
 
     sub.add_parser("list", help="list registered datasets, models, attacks and defenses",
                    description="List every registered plugin with a one-line description.")
@@ -52,16 +64,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import load_config
     from bench.data import DataPaths
     from bench.execute import run_grid
+    from bench.status import cell_statuses
 
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("results") / (config.name or Path(args.config).stem)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path("results") / "cache"
     paths = DataPaths.resolve(args.data_root, cache_dir)
     start = time.perf_counter()
-    cells, computed, markdown = run_grid(config, run_dir, paths, args.device)
+    cells, computed, markdown = run_grid(config, run_dir, paths, args.device,
+                                         workers=args.workers, backend=args.backend, address=args.address)  # fmt: skip
     print(markdown)
-    print(f"{len(cells)} cells ({computed} computed, {len(cells) - computed} already done) "
-          f"in {time.perf_counter() - start:.1f} s -> {run_dir}")
+    failed = [c for c in cell_statuses(run_dir, cells) if c.state != "done"]
+    print(f"{len(cells)} cells ({computed} computed, {len(cells) - computed - len(failed)} already done"
+          f"{f', {len(failed)} failed' if failed else ''}) in {time.perf_counter() - start:.1f} s -> {run_dir}")
+    if failed:
+        for cell in failed:
+            print(f"failed: {cell.label}: {cell.detail}", file=sys.stderr)
+        print(f"see `run_bench.py status {run_dir}`; rerun the same command to retry the failed cells", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from bench.status import format_status
+
+    print(format_status(Path(args.run_dir)))
     return 0
 
 
@@ -91,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]  # `run_bench.py` alone runs the default grid
     args = parser.parse_args(argv)
-    handlers = {"run": cmd_run, "table": cmd_table, "list": cmd_list}
+    handlers = {"run": cmd_run, "table": cmd_table, "list": cmd_list, "status": cmd_status}
     try:
         return handlers[args.command](args)
     except BenchError as err:
