@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: results/<config name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    run.add_argument("--no-tsne", action="store_true",
+                     help="skip the t-SNE figure at the end (it re-embeds test images through every panel's model)")
     run.add_argument("--workers", type=int, default=None, metavar="N",
                      help="parallel workers (default: one per visible GPU, else 1; with --backend ray: "
                           "the cluster's GPUs, else its CPUs)")
@@ -71,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path("results") / "cache"
     paths = DataPaths.resolve(args.data_root, cache_dir)
     start = time.perf_counter()
-    cells, computed, markdown = run_grid(config, run_dir, paths, args.device,
+    cells, computed, markdown = run_grid(config, run_dir, paths, args.device, tsne=not args.no_tsne,
                                          workers=args.workers, backend=args.backend, address=args.address)  # fmt: skip
     print(markdown)
     failed = [c for c in cell_statuses(run_dir, cells) if c.state != "done"]
