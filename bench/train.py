@@ -66,9 +66,10 @@ class TrainRecipe:
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe, steps_per_epoch: int):
     """A per-step learning-rate schedule, so that one-cycle and step decay share the loop."""
     if recipe.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.25
-        )
+        total = recipe.epochs * steps_per_epoch
+        # OneCycleLR divides by (pct_start * total - 1): a one-step warm-up (total 4) would be 1/0.
+        pct_start = 0.25 if total != 4 else 0.5
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total, pct_start=pct_start)
     if recipe.schedule == "multistep":
         milestones = [m * steps_per_epoch for m in recipe.milestones]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=recipe.gamma)

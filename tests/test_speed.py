@@ -22,7 +22,7 @@ from bench.grid import compile_grid
 from bench.metrics import predict_labels
 from bench.models import build_model
 from bench.registry import ATTACKS, DEFENSES
-from bench.train import TrainRecipe, train_classifier
+from bench.train import TrainRecipe, make_scheduler, train_classifier
 from benchmarks import poisoning, training
 from benchmarks.common import recipe_settings
 
@@ -167,3 +167,19 @@ def test_paper_grid_uses_the_paper_recipe_and_every_paper_method():
     if missing:
         pytest.skip(f"defenses not registered yet: {missing}")
     assert len(compile_grid(config)) == len(PAPER_ATTACKS) * len(PAPER_DEFENSES)
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 5, 8, 40])
+def test_one_cycle_schedule_works_for_any_run_length(total_steps):
+    param = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([param], lr=0.2)
+    recipe = TrainRecipe(epochs=total_steps, lr=0.2, schedule="onecycle")
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch=1)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(lrs) <= 0.2 + 1e-9
+    if total_steps >= 5:
+        assert lrs[0] < max(lrs) and lrs[-1] < max(lrs)  # warm up, then anneal
