@@ -1,4 +1,4 @@
-"""The command line: ``run_bench.py run|table|status|list``.
+"""The command line: ``run_bench.py run|table|status|plot|report|list``.
 
 User errors (:class:`bench.errors.BenchError`) print one line ``error: ...`` on stderr and exit
 with status 2, like argparse's own usage errors; nothing is left half-written because every
@@ -57,6 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
                                         "failed (the error's first line and its log), pending.")
     status.add_argument("run_dir", help="a run directory written by 'run'")
 
+    plot = sub.add_parser("plot", help="draw a run's figures (PNG + PDF under RUN_DIR/figures)",
+                          description="Draw trade-off curves or t-SNE figures from a run directory.")
+    kinds = plot.add_subparsers(dest="figure", metavar="FIGURE", required=True)
+    tradeoff = kinds.add_parser("tradeoff", help="BA and ASR against each defense's intensity, per attack",
+                                description="One figure per (defense with an intensity knob, attack) from the records.")
+    tradeoff.add_argument("run_dir", help="a run directory written by 'run'")
+    tsne = kinds.add_parser("tsne", help="t-SNE of benign and poisoned penultimate features, one panel per defense",
+                            description="Embed benign and poisoned test images through the run's cached models.")
+    tsne.add_argument("run_dir", help="a run directory written by 'run'")
+    tsne.add_argument("--attack", action="append", metavar="LABEL", help="only this attack label (repeatable)")
+    tsne.add_argument("--defense", action="append", metavar="LABEL",
+                      help="panels for exactly these defense labels, in order (repeatable; default: no defense, "
+                           "low and high intensity of each knob defense, every other defense)")
+    tsne.add_argument("--per-class", type=int, default=200, help="benign test images per class (default 200)")
+    tsne.add_argument("--poisoned-per-class", type=int, default=50,
+                      help="poisoned test images per true class (default 50)")
+    _common(tsne)
+
+    report = sub.add_parser("report", help="rebuild a run's tables, figures and report.html",
+                            description="Rewrite tables, trade-off figures and RUN_DIR/report.html from the records.")
+    report.add_argument("run_dir", help="a run directory written by 'run'")
+    report.add_argument("--tsne", action="store_true", help="also (re)draw the t-SNE figure")
+    _common(report)
+
     sub.add_parser("list", help="list registered datasets, models, attacks and defenses",
                    description="List every registered plugin with a one-line description.")
     return parser
@@ -78,7 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(markdown)
     failed = [c for c in cell_statuses(run_dir, cells) if c.state != "done"]
     print(f"{len(cells)} cells ({computed} computed, {len(cells) - computed - len(failed)} already done"
-          f"{f', {len(failed)} failed' if failed else ''}) in {time.perf_counter() - start:.1f} s -> {run_dir}")
+          f"{f', {len(failed)} failed' if failed else ''}) in {time.perf_counter() - start:.1f} s -> {run_dir} "
+          f"(report: {run_dir / 'report.html'})")
     if failed:
         for cell in failed:
             print(f"failed: {cell.label}: {cell.detail}", file=sys.stderr)
@@ -104,6 +129,52 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_dir(path: str) -> Path:
+    run_dir = Path(path)
+    if not (run_dir / "records").is_dir():
+        raise BenchError(f"{run_dir} is not a run directory (no records/ inside)")
+    return run_dir
+
+
+def _data_paths(args: argparse.Namespace):
+    from bench.data import DataPaths
+
+    return DataPaths.resolve(args.data_root, Path(args.cache_dir) if args.cache_dir else Path("results") / "cache")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from bench.report import write_report
+
+    run_dir = _run_dir(args.run_dir)
+    if args.figure == "tradeoff":
+        from bench.plots import write_tradeoff_figures
+        from bench.store import RecordStore
+
+        pngs = write_tradeoff_figures(run_dir, RecordStore(run_dir).read_all())
+        if not pngs:
+            print("no trade-off figure: no defense in this run has two or more intensities")
+    else:
+        from bench.tsne import write_tsne_figures
+
+        pngs = write_tsne_figures(run_dir, _data_paths(args), args.device, args.attack, args.defense,
+                                  args.per_class, args.poisoned_per_class)  # fmt: skip
+    for png in pngs:
+        print(f"{png} (+ .pdf)")
+    write_report(run_dir)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.report import make_figures, write_tables
+
+    run_dir = _run_dir(args.run_dir)
+    write_tables(run_dir)
+    for png in make_figures(run_dir, _data_paths(args), args.device, tsne=args.tsne):
+        print(f"{png} (+ .pdf)")
+    print(run_dir / "report.html")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, describe
 
@@ -120,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]  # `run_bench.py` alone runs the default grid
     args = parser.parse_args(argv)
-    handlers = {"run": cmd_run, "table": cmd_table, "list": cmd_list, "status": cmd_status}
+    handlers = {"run": cmd_run, "table": cmd_table, "list": cmd_list, "plot": cmd_plot, "report": cmd_report,
+                "status": cmd_status}
     try:
         return handlers[args.command](args)
     except BenchError as err:
