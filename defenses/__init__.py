@@ -2,3 +2,4 @@
 
 from defenses import none, shrinkpad  # noqa: F401
 from defenses import bdmae  # noqa: F401
+from defenses import btidbf  # noqa: F401

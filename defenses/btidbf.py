@@ -1,0 +1,471 @@
+"""BTI-DBF (Xu et al., ICLR 2024, "Towards Reliable and Efficient Backdoor Trigger Inversion via
+Decoupling Benign Features"): invert the backdoor by decoupling benign features, then remove it.
+
+The model is split at its last spatial feature map, ``f = f2 o f1`` (:meth:`Classifier.feature_map`
+and :meth:`Classifier.head_from_map`). On the defender's benign data (5% of the training set):
+
+0. **Generator.** A U-Net G (base 32, 4 levels, instance norm, leaky ReLU, no output
+   activation) is pre-trained towards the identity: same predictions (soft-label cross-entropy),
+   same features, and a small image distance (weight 100 while the normalised MSE is > 0.1, else 0.01).
+1. **Decoupling benign features.** A mask ``m = tanh(theta) / 2 + 0.5`` over the feature map
+   minimises ``CE(f2(m * f1(x)), y) - CE(f2((1 - m) * f1(x)), y)`` (+ ``mask_l1 * mean(m)``):
+   ``m`` keeps what the model needs for the true class (benign features) and ``1 - m`` holds
+   what it does not -- where a backdoor lives.
+2. **Inversion.** G maximises the change of the backdoor features ``(1 - m) * f1`` between x and
+   G(x) while keeping the benign ones: loss ``-MSE_backdoor + 0.01 MSE_benign``, replaced by the
+   image MSE whenever the image MSE exceeds ``norm_bound`` or the benign-feature MSE exceeds
+   ``feat_bound``. The target label is the most frequent prediction on G(x + noise).
+3. **Defence**, ``rounds`` times (re-running 1-2 on the defended model each round; from the
+   second round G is also pushed towards the detected target):
+   - (U) *unlearning*: fine-tune a copy of the model (Adam 1e-4) on batches where 10% of the
+     images are replaced by G(x), with their labels, plus a feature-consistency term;
+   - (P) *purification*: train a purifier U-Net P (initialised at the identity generator) with
+     the same mixed batches through the frozen model; predict ``f(P(x + noise))``.
+
+All image distances and the ``noise`` (0.03) live in the classifier's normalised input space, as
+in the public code (so its bounds 0.3 and 3 keep their meaning); G and P map images in [0, 1]
+to images in [0, 1] (clamped) so the rest of the harness sees plain pixels.
+
+Labels: the public code trains the mask and the unlearning/purification with the benign set's
+true labels; ``use_labels: false`` uses the frozen model's predictions instead (label-free).
+Variants: ``btidbf`` with ``mode: unlearn|purify``, or the names ``btidbf_u`` and ``btidbf_p``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from bench import augment
+from bench.data import ImageSet
+from bench.device import to_float
+from bench.errors import BenchError
+from bench.registry import DEFENSES
+from bench.seeding import generator
+from bench.unet import UNet
+from defenses.base import Defense
+
+MODES = ("unlearn", "purify")
+
+# Pre-training G depends on the model and the benign data only, so the (U) and (P) cells of one
+# backdoored model share it within a process.
+_PRETRAIN_MEMO: dict[str, dict[str, Tensor]] = {}
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class PixelGenerator(nn.Module):
+    """A U-Net applied in the classifier's normalised space: images in [0, 1] -> images in [0, 1]."""
+
+    def __init__(self, unet: nn.Module, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("mean", mean.detach().clone().view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std.detach().clone().view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor, noise: float = 0.0, gen: torch.Generator | None = None) -> Tensor:
+        z = (x - self.mean) / self.std
+        if noise > 0:
+            z = z + noise * torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
+        return (self.unet(z) * self.std + self.mean).clamp(0, 1)
+
+    def normalised_mse(self, a: Tensor, b: Tensor) -> Tensor:
+        """MSE between two image batches measured in the normalised space."""
+        return ((a - b) / self.std).pow(2).mean()
+
+
+def feature_mask(theta: Tensor) -> Tensor:
+    """The soft mask ``tanh(theta) / 2 + 0.5``, in (0, 1)."""
+    return torch.tanh(theta) / 2 + 0.5
+
+
+def decoupling_loss(mask: Tensor, feats: Tensor, labels: Tensor, f2: Callable[[Tensor], Tensor], l1: float = 0.0) -> Tensor:
+    """``CE(f2(m * z), y) - CE(f2((1 - m) * z), y) + l1 * mean(m)`` (lower is better decoupled)."""
+    loss = F.cross_entropy(f2(mask * feats), labels) - F.cross_entropy(f2((1 - mask) * feats), labels)
+    return loss + l1 * mask.mean() if l1 else loss
+
+
+@dataclass
+class Split:
+    """A classifier cut at its feature map: ``logits = f2(f1(x))`` for images x in [0, 1]."""
+
+    f1: Callable[[Tensor], Tensor]
+    f2: Callable[[Tensor], Tensor]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.f2(self.f1(x))
+
+
+def batches(
+    x: Tensor, y: Tensor, batch_size: int, gen: torch.Generator, crop_padding: int, flip: bool
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One shuffled, augmented epoch (random crop + flip, per image) of uint8 images as floats."""
+    n = x.shape[0]
+    order = torch.randperm(n, generator=gen, device=x.device)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        images = augment.random_crop(to_float(x[idx]), crop_padding, gen)
+        yield (augment.random_flip(images, gen) if flip else images), y[idx]
+
+
+def _epochs(count: int, desc: str) -> tqdm:
+    return tqdm(range(count), desc=f"btidbf: {desc}", leave=False, disable=None)
+
+
+def _mean(total: Tensor, steps: int) -> str:
+    return f"{(total / max(1, steps)).item():.4f}"
+
+
+# --------------------------------------------------------------------------- the defense
+
+
+@DEFENSES.register("btidbf")
+class BTIDBF(Defense):
+    """Backdoor trigger inversion by decoupling benign features; unlearning (U) or purification (P)."""
+
+    trainable = True
+    fixed_mode: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        mode: str | None = None,
+        benign_fraction: float = 0.05,
+        use_labels: bool = True,
+        generator_base: int = 32,
+        generator_depth: int = 4,
+        batch_size: int = 128,
+        crop_padding: int = 4,
+        flip: bool = True,
+        pretrain_epochs: int = 50,
+        gen_lr: float = 1e-3,
+        mask_epochs: int = 20,
+        mask_lr: float = 1e-2,
+        mask_l1: float = 0.0,
+        invert_epochs: int = 30,
+        norm_bound: float = 0.3,
+        feat_bound: float = 3.0,
+        noise: float = 0.03,
+        rounds: int = 5,
+        defend_epochs: int = 30,
+        unlearn_lr: float = 1e-4,
+        purify_lr: float = 1e-3,
+        poison_share: float = 0.1,
+        early_stop: bool = False,
+        **params: Any,
+    ) -> None:
+        super().__init__(**params)
+        if self.fixed_mode is not None:
+            if mode not in (None, self.fixed_mode):
+                raise BenchError(f"{self.name}: mode is fixed to {self.fixed_mode!r}, got {mode!r}")
+            mode = self.fixed_mode
+        mode = mode or "unlearn"
+        if mode not in MODES:
+            raise BenchError(f"{self.name}: mode must be one of {MODES}, got {mode!r}")
+        if not 0 < benign_fraction < 1:
+            raise BenchError(f"{self.name}: benign_fraction must be in (0, 1), got {benign_fraction}")
+        counts = {"generator_base": generator_base, "generator_depth": generator_depth, "batch_size": batch_size,
+                  "rounds": rounds}  # fmt: skip
+        for name, value in counts.items():
+            if not isinstance(value, int) or value < 1:
+                raise BenchError(f"{self.name}: {name} must be a positive integer, got {value!r}")
+        epochs = {"pretrain_epochs": pretrain_epochs, "mask_epochs": mask_epochs, "invert_epochs": invert_epochs,
+                  "defend_epochs": defend_epochs}  # fmt: skip
+        for name, value in epochs.items():
+            if not isinstance(value, int) or value < 0:
+                raise BenchError(f"{self.name}: {name} must be a non-negative integer, got {value!r}")
+        if not 0 < poison_share <= 1:
+            raise BenchError(f"{self.name}: poison_share must be in (0, 1], got {poison_share}")
+        self.mode = mode
+        self.benign_fraction = benign_fraction
+        self.use_labels = use_labels
+        self.generator_base = generator_base
+        self.generator_depth = generator_depth
+        self.batch_size = batch_size
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.pretrain_epochs = pretrain_epochs
+        self.gen_lr = gen_lr
+        self.mask_epochs = mask_epochs
+        self.mask_lr = mask_lr
+        self.mask_l1 = mask_l1
+        self.invert_epochs = invert_epochs
+        self.norm_bound = norm_bound
+        self.feat_bound = feat_bound
+        self.noise = noise
+        self.rounds = rounds
+        self.defend_epochs = defend_epochs
+        self.unlearn_lr = unlearn_lr
+        self.purify_lr = purify_lr
+        self.poison_share = poison_share
+        self.early_stop = early_stop
+        self._generator: PixelGenerator | None = None  # the inverted backdoor generator G
+        self._purifier: PixelGenerator | None = None  # (P) only
+        self._frozen: nn.Module | None = None
+        self._target: int | None = None
+        self._mask: Tensor | None = None
+        self._gen: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ plumbing
+    def bind(self, model: nn.Module, device: torch.device, seed: int = 0) -> None:
+        if not (hasattr(model, "feature_map") and hasattr(model, "head_from_map")):
+            raise BenchError(f"{self.name}: the model must expose feature_map() and head_from_map()")
+        super().bind(model, device, seed)
+        self._frozen = self.model
+        self._gen = generator(seed, "btidbf", device=device)
+
+    def new_generator(self) -> PixelGenerator:
+        """G or P: the public code's U-Net (instance norm, leaky ReLU, raw output) at ``generator_base``."""
+        assert self._frozen is not None
+        channels = self._frozen.normalize.mean.shape[1]
+        unet = UNet(channels, channels, base=self.generator_base, depth=self.generator_depth, norm="instance",
+                    activation="leaky_relu", out_activation=None)  # fmt: skip
+        return PixelGenerator(unet, self._frozen.normalize.mean, self._frozen.normalize.std).to(self.device)
+
+    def _epoch(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        return batches(x, y, self.batch_size, gen, self.crop_padding, self.flip)
+
+    # ------------------------------------------------------------------ phases
+    def pretrain_generator(self, g: PixelGenerator, x: Tensor, gen: torch.Generator) -> None:
+        """Step 0: G towards the identity (same predictions, same features, close pixels)."""
+        model = self._frozen
+        assert model is not None
+        opt = torch.optim.Adam(g.parameters(), lr=self.gen_lr)
+        g.train()
+        bar = _epochs(self.pretrain_epochs, "pretrain generator")
+        for _ in bar:
+            total, steps = torch.zeros((), device=self.device), 0
+            for images, _ in self._epoch(x, x.new_zeros(x.shape[0], dtype=torch.long), gen):
+                out = g(images)
+                with torch.no_grad():
+                    clean_feats = model.feature_map(images)
+                    clean_probs = model.head_from_map(clean_feats).softmax(1)
+                feats = model.feature_map(out)
+                pixel = g.normalised_mse(out, images)
+                loss = F.cross_entropy(model.head_from_map(feats), clean_probs) + F.mse_loss(feats, clean_feats)
+                loss = loss + (100.0 if pixel.item() > 0.1 else 0.01) * pixel
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, steps = total + loss.detach(), steps + 1
+            bar.set_postfix(loss=_mean(total, steps))
+        g.eval()
+
+    def learn_mask(self, split: Split, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+        """Step 1: the benign-feature mask m in (0, 1), shaped like one feature map (C, h, w)."""
+        with torch.no_grad():
+            shape = split.f1(to_float(x[:1])).shape[1:]
+        theta = torch.randn(shape, generator=gen, device=self.device).requires_grad_(True)
+        opt = torch.optim.Adam([theta], lr=self.mask_lr)
+        bar = _epochs(self.mask_epochs, "decouple benign features")
+        for _ in bar:
+            total, steps = torch.zeros((), device=self.device), 0
+            for images, labels in self._epoch(x, y, gen):
+                with torch.no_grad():
+                    feats = split.f1(images)
+                loss = decoupling_loss(feature_mask(theta), feats, labels, split.f2, self.mask_l1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, steps = total + loss.detach(), steps + 1
+            bar.set_postfix(loss=_mean(total, steps), mask=f"{feature_mask(theta).mean().item():.3f}")
+        return feature_mask(theta).detach()
+
+    def invert(
+        self, g: PixelGenerator, opt: torch.optim.Optimizer, split: Split, mask: Tensor, x: Tensor,
+        gen: torch.Generator, target: int | None,
+    ) -> None:  # fmt: skip
+        """Step 2: G changes the backdoor features (1 - m) and keeps the benign ones (m)."""
+        g.train()
+        bar = _epochs(self.invert_epochs, "invert trigger")
+        for _ in bar:
+            total, steps = torch.zeros((), device=self.device), 0
+            for images, _ in self._epoch(x, x.new_zeros(x.shape[0], dtype=torch.long), gen):
+                out = g(images)
+                with torch.no_grad():
+                    clean = split.f1(images)
+                feats = split.f1(out)
+                benign = F.mse_loss(mask * feats, mask * clean)
+                backdoor = F.mse_loss((1 - mask) * feats, (1 - mask) * clean)
+                pixel = g.normalised_mse(out, images)
+                if pixel.item() > self.norm_bound or benign.item() > self.feat_bound:
+                    loss = pixel
+                else:
+                    loss = -backdoor + 0.01 * benign
+                if target is not None:
+                    wanted = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
+                    loss = loss + F.cross_entropy(split.f2(feats), wanted)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, steps = total + backdoor.detach(), steps + 1
+            bar.set_postfix(backdoor_mse=_mean(total, steps))
+        g.eval()
+
+    @torch.no_grad()
+    def detect_target(self, g: PixelGenerator, split: Split, x: Tensor, num_classes: int) -> int:
+        """The most frequent prediction on generated images G(x + noise)."""
+        counts = torch.zeros(num_classes, dtype=torch.long, device=self.device)
+        for start in range(0, x.shape[0], 512):
+            out = g(to_float(x[start : start + 512]), self.noise, self._gen)
+            counts += torch.bincount(split(out).argmax(1), minlength=num_classes)
+        return int(counts.argmax().item())
+
+    def mixed_batch_loss(self, split: Split, g: PixelGenerator, images: Tensor, labels: Tensor) -> Tensor:
+        """Step 3's loss: CE on a batch where ``poison_share`` of the images are G(x), plus the
+        distance between the features of the mixed and the clean batch."""
+        n = images.shape[0]
+        k = min(n, int(self.poison_share * n) + 1)
+        pick = torch.randperm(n, generator=self._gen, device=images.device)[:k]
+        with torch.no_grad():
+            mixed = images.clone()
+            mixed[pick] = g(images[pick])
+        clean_feats = split.f1(images)
+        mixed_feats = split.f1(mixed)
+        return F.cross_entropy(split.f2(mixed_feats), labels) + F.mse_loss(mixed_feats, clean_feats)
+
+    def defend(self, split: Split, trainable: nn.Module, opt: torch.optim.Optimizer, g: PixelGenerator,
+               x: Tensor, y: Tensor, gen: torch.Generator) -> None:  # fmt: skip
+        """Step 3: train the unlearned model (U) or the purifier (P) on mixed batches."""
+        trainable.train()
+        bar = _epochs(self.defend_epochs, "unlearn" if self.mode == "unlearn" else "train purifier")
+        for _ in bar:
+            total, steps = torch.zeros((), device=self.device), 0
+            for images, labels in self._epoch(x, y, gen):
+                loss = self.mixed_batch_loss(split, g, images, labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, steps = total + loss.detach(), steps + 1
+            bar.set_postfix(loss=_mean(total, steps))
+        trainable.eval()
+
+    # ------------------------------------------------------------------ fit
+    def _pretrained_generator(self, x: Tensor, gen: torch.Generator) -> PixelGenerator:
+        g = self.new_generator()
+        assert self._frozen is not None
+        digest = hashlib.sha256(x.cpu().numpy().tobytes())
+        for tensor in self._frozen.state_dict().values():
+            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        key = repr((digest.hexdigest(), self.generator_base, self.generator_depth, self.pretrain_epochs, self.gen_lr,
+                    self.batch_size, self.crop_padding, self.flip, gen.initial_seed()))  # fmt: skip
+        if key not in _PRETRAIN_MEMO:
+            self.pretrain_generator(g, x, gen)
+            _PRETRAIN_MEMO[key] = {k: v.detach().cpu().clone() for k, v in g.state_dict().items()}
+        g.load_state_dict(_PRETRAIN_MEMO[key])
+        return g.eval()
+
+    def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
+        frozen = self._frozen
+        assert frozen is not None, "bind() first"
+        device_gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        x = benign.x.to(self.device)
+        if self.use_labels:
+            y = benign.y.to(self.device)
+        else:
+            with torch.no_grad():
+                y = torch.cat([frozen(to_float(x[i : i + 512])).argmax(1) for i in range(0, x.shape[0], 512)])
+        g = self._pretrained_generator(x, device_gen)
+        g_opt = torch.optim.Adam(g.parameters(), lr=self.gen_lr)
+        if self.mode == "unlearn":
+            trainable: nn.Module = copy.deepcopy(frozen).eval()  # the shared frozen model stays untouched
+            split = Split(trainable.feature_map, trainable.head_from_map)
+            opt = torch.optim.Adam(trainable.parameters(), lr=self.unlearn_lr)
+        else:
+            trainable = self.new_generator()
+            trainable.load_state_dict(g.state_dict())  # the purifier starts at the identity too
+            trainable.eval()
+            purifier = trainable
+            split = Split(lambda images: frozen.feature_map(purifier(images)), frozen.head_from_map)
+            opt = torch.optim.Adam(trainable.parameters(), lr=self.purify_lr)
+        num_classes = benign.num_classes
+        target: int | None = None
+        mask = None
+        for _ in tqdm(range(self.rounds), desc=f"btidbf ({self.mode})", leave=False, disable=None):
+            trainable.requires_grad_(False)  # steps 1-2 only differentiate through it
+            mask = self.learn_mask(split, x, y, device_gen)
+            self.invert(g, g_opt, split, mask, x, device_gen, target)
+            found = self.detect_target(g, split, x, num_classes)
+            if target is None:
+                target = found
+            elif self.early_stop and found != target:
+                break
+            trainable.requires_grad_(True)
+            self.defend(split, trainable, opt, g, x, y, device_gen)
+        trainable.requires_grad_(False)
+        self._generator, self._target, self._mask = g, target, mask
+        self._install(trainable.eval())
+
+    def _install(self, trainable: nn.Module) -> None:
+        if self.mode == "unlearn":
+            self.model = trainable
+        else:
+            assert isinstance(trainable, PixelGenerator)
+            self._purifier = trainable
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        assert self._generator is not None, "fit() first"
+        trained = self.model if self.mode == "unlearn" else self._purifier
+        assert trained is not None
+        return {
+            "trained": {k: v.cpu() for k, v in trained.state_dict().items()},
+            "generator": {k: v.cpu() for k, v in self._generator.state_dict().items()},
+            "target": -1 if self._target is None else self._target,
+            "mask": self._mask.cpu() if self._mask is not None else torch.empty(0),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        assert self._frozen is not None, "bind() first"
+        g = self.new_generator()
+        g.load_state_dict(state["generator"])
+        self._generator = g.eval()
+        self._target = None if int(state["target"]) < 0 else int(state["target"])
+        self._mask = state["mask"].to(self.device) if state["mask"].numel() else None
+        if self.mode == "unlearn":
+            trained: nn.Module = copy.deepcopy(self._frozen)  # never touch the shared frozen model
+        else:
+            trained = self.new_generator()
+        trained.load_state_dict(state["trained"])
+        trained.requires_grad_(False)
+        self._install(trained.to(self.device).eval())
+
+    # ------------------------------------------------------------------ inference
+    @property
+    def detected_target(self) -> int | None:
+        return self._target
+
+    @torch.no_grad()
+    def invert_images(self, x: Tensor) -> Tensor:
+        """The inverted poisoned version G(x) of images in [0, 1]."""
+        assert self._generator is not None, "fit() first"
+        return self._generator(x)
+
+    def transform(self, x: Tensor) -> Tensor:
+        if self.mode == "unlearn":
+            return x
+        assert self._purifier is not None, "fit() or load_state() first"
+        return self._purifier(x, self.noise, self._gen)
+
+
+@DEFENSES.register("btidbf_u")
+class BTIDBFUnlearn(BTIDBF):
+    """BTI-DBF (U): unlearn the inverted backdoor by fine-tuning a copy of the model."""
+
+    name = "btidbf_u"
+    fixed_mode = "unlearn"
+
+
+@DEFENSES.register("btidbf_p")
+class BTIDBFPurify(BTIDBF):
+    """BTI-DBF (P): purify inputs with a U-Net trained against the inverted backdoor."""
+
+    name = "btidbf_p"
+    fixed_mode = "purify"

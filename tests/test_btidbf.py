@@ -1,0 +1,151 @@
+"""BTI-DBF's pieces: model split, feature mask, decoupling objective, generator range, both modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from bench.device import to_float
+from bench.errors import BenchError
+from bench.models import build_model
+from bench.train import TrainRecipe, train_classifier
+from defenses.btidbf import BTIDBF, BTIDBFPurify, BTIDBFUnlearn, PixelGenerator, Split, decoupling_loss, feature_mask
+
+TINY = {"generator_base": 4, "generator_depth": 2, "batch_size": 64, "pretrain_epochs": 1, "mask_epochs": 2,
+        "invert_epochs": 1, "rounds": 1, "defend_epochs": 1, "crop_padding": 2, "flip": False}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits_model(mnist) -> nn.Module:
+    """A small CNN trained for one epoch on 1,000 real digits: enough to be far from chance."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1, width=8)
+    recipe = TrainRecipe(epochs=1, batch_size=64, lr=0.05, schedule="onecycle", crop_padding=0, flip=False)
+    train_classifier(model, mnist.train.x[:1000], mnist.train.y[:1000], recipe, torch.device("cpu"), seed=0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,channels,size", [("small_cnn", 3, 32), ("cifar_resnet18", 3, 32), ("small_cnn", 1, 28)])
+def test_models_split_at_their_feature_map(name: str, channels: int, size: int) -> None:
+    model = build_model(name, 10, channels).eval()
+    x = torch.rand(2, channels, size, size)
+    with torch.no_grad():
+        z = model.feature_map(x)
+        assert z.dim() == 4 and z.shape[0] == 2
+        assert torch.allclose(model.head_from_map(z), model(x), atol=1e-5)
+
+
+def test_feature_mask_is_in_the_unit_interval() -> None:
+    theta = torch.tensor([-50.0, -1.0, 0.0, 1.0, 50.0])
+    m = feature_mask(theta)
+    assert m.min() >= 0 and m.max() <= 1 and m[2] == 0.5
+    assert torch.all(m[1:] >= m[:-1])  # monotone in theta
+
+
+def test_decoupling_objective_decreases_and_l1_makes_the_mask_sparser(digits_model: nn.Module, mnist) -> None:
+    x, y = to_float(mnist.test.x[:256]), mnist.test.y[:256]
+    with torch.no_grad():
+        feats = digits_model.feature_map(x)
+
+    def optimise(l1: float) -> tuple[float, float, Tensor]:
+        theta = torch.randn(feats.shape[1:], generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        opt = torch.optim.Adam([theta], lr=1e-2)
+        start = decoupling_loss(feature_mask(theta), feats, y, digits_model.head_from_map, l1).item()
+        for _ in range(100):
+            loss = decoupling_loss(feature_mask(theta), feats, y, digits_model.head_from_map, l1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        end = decoupling_loss(feature_mask(theta), feats, y, digits_model.head_from_map, l1).item()
+        return start, end, feature_mask(theta).detach()
+
+    start, end, mask = optimise(0.0)
+    assert end < start - 0.25
+    assert mask.shape == feats.shape[1:] and mask.min() >= 0 and mask.max() <= 1
+    # m keeps what predicts the label, 1 - m does not
+    with torch.no_grad():
+        keep = nn.functional.cross_entropy(digits_model.head_from_map(mask * feats), y)
+        drop = nn.functional.cross_entropy(digits_model.head_from_map((1 - mask) * feats), y)
+    assert keep < drop
+    _, _, sparse = optimise(5.0)
+    assert sparse.mean() < mask.mean()
+
+
+class Blowup(nn.Module):
+    """A stand-in U-Net with huge outputs, to check the generator's clamping."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z * 100 + torch.linspace(-500, 500, z.numel()).view_as(z)
+
+
+def test_generator_maps_into_the_pixel_range_and_identity_is_exact() -> None:
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    x = torch.rand(4, 3, 16, 16)
+    wild = PixelGenerator(Blowup(), mean, std)(x)
+    assert wild.shape == x.shape and wild.min() >= 0 and wild.max() <= 1
+    assert (wild == 0).any() and (wild == 1).any()
+    identity = PixelGenerator(nn.Identity(), mean, std)
+    assert torch.allclose(identity(x), x, atol=1e-6)
+    noisy = identity(x, noise=0.03, gen=torch.Generator().manual_seed(0))
+    assert 0 < (noisy - x).abs().max() < 0.2  # the noise is added in the normalised space
+    assert identity.normalised_mse(x + std.view(1, 3, 1, 1), x).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_mixed_batches_replace_ten_percent_plus_one(digits_model: nn.Module, mnist) -> None:
+    defense = BTIDBFUnlearn(**TINY)
+    defense.bind(digits_model, torch.device("cpu"), seed=0)
+    images, labels = to_float(mnist.test.x[:50]), mnist.test.y[:50]
+    seen: list[int] = []
+
+    class Marker(nn.Module):
+        def forward(self, x: Tensor, *args: object) -> Tensor:
+            seen.append(x.shape[0])
+            return torch.zeros_like(x)
+
+    split = Split(digits_model.feature_map, digits_model.head_from_map)
+    loss = defense.mixed_batch_loss(split, Marker(), images, labels)  # type: ignore[arg-type]
+    assert seen == [6]  # int(0.1 * 50) + 1, as in the public code
+    assert torch.isfinite(loss)
+
+
+def test_both_modes_fit_round_trip_and_leave_the_frozen_model_alone(digits_model: nn.Module, mnist) -> None:
+    benign = mnist.train.subset(torch.arange(1000, 1128))
+    before = {k: v.clone() for k, v in digits_model.state_dict().items()}
+    x = to_float(mnist.test.x[:64])
+    for cls, rounds in ((BTIDBFUnlearn, 1), (BTIDBFPurify, 2)):  # round 2 also pulls G towards the target
+        defense = cls(**{**TINY, "rounds": rounds})
+        defense.bind(digits_model, torch.device("cpu"), seed=1)
+        defense.fit(benign, torch.Generator().manual_seed(0))
+        assert defense.detected_target is not None and 0 <= defense.detected_target < 10
+        inverted = defense.invert_images(x)
+        assert inverted.shape == x.shape and inverted.min() >= 0 and inverted.max() <= 1
+        state = defense.state()
+        twin = cls(**{**TINY, "rounds": rounds})
+        twin.bind(digits_model, torch.device("cpu"), seed=1)
+        twin.load_state(state)
+        defense.bind(digits_model, torch.device("cpu"), seed=1)  # same noise stream for both
+        defense.load_state(state)
+        assert torch.equal(defense.predict(x), twin.predict(x))
+        assert twin.detected_target == defense.detected_target
+        if cls is BTIDBFUnlearn:
+            assert twin.model is not digits_model
+            assert any(not torch.equal(a, b) for a, b in zip(state["trained"].values(), before.values()))
+        else:
+            assert twin.model is digits_model
+    for key, value in digits_model.state_dict().items():  # the runner's shared model is untouched
+        assert torch.equal(value, before[key]), key
+
+
+def test_modes_and_parameters_are_validated() -> None:
+    assert BTIDBF(mode="purify").mode == "purify" and BTIDBF().mode == "unlearn"
+    assert BTIDBFUnlearn().benign_fraction == 0.05
+    with pytest.raises(BenchError, match="mode is fixed"):
+        BTIDBFUnlearn(mode="purify")
+    with pytest.raises(BenchError, match="mode must be"):
+        BTIDBF(mode="erase")
+    with pytest.raises(BenchError, match="rounds"):
+        BTIDBFPurify(rounds=0)
+    with pytest.raises(BenchError, match="benign_fraction"):
+        BTIDBF(benign_fraction=0)
+    assert BTIDBFUnlearn.name == "btidbf_u" and BTIDBFPurify.name == "btidbf_p" and BTIDBF.name == "btidbf"
