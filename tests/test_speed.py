@@ -23,7 +23,7 @@ from bench.metrics import predict_labels
 from bench.models import build_model
 from bench.registry import ATTACKS, DEFENSES
 from bench.train import TrainRecipe, make_scheduler, train_classifier
-from benchmarks import poisoning, training
+from benchmarks import grid_walltime, poisoning, training
 from benchmarks.common import recipe_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,3 +183,29 @@ def test_one_cycle_schedule_works_for_any_run_length(total_steps):
     assert max(lrs) <= 0.2 + 1e-9
     if total_steps >= 5:
         assert lrs[0] < max(lrs) and lrs[-1] < max(lrs)  # warm up, then anneal
+
+
+def test_grid_estimate_is_trainings_times_epochs_plus_fits_plus_evaluation(tmp_path):
+    training_csv, refine_csv, out = tmp_path / "training.csv", tmp_path / "refine.csv", tmp_path / "estimate.csv"
+    training_csv.write_text("model,recipe,batch_size,epochs,train_img_per_s,epoch_s,train_est_s,eval_img_per_s,device\n"
+                            "cifar_resnet18,paper,128,150,1000,40,6000,1900,cuda:0 (X)\n")  # fmt: skip
+    refine_csv.write_text("defense,width,batch_size,fit_img_per_s,epoch_s,epochs,fit_est_s,device\n"
+                          "refine,64,256,500,20,150,3000,cuda:0 (X)\n")  # fmt: skip
+    argv = ["estimate", str(REPO / "configs" / "paper_cifar10.yaml"), "--training-csv", str(training_csv),
+            "--refine-csv", str(refine_csv), "--csv", str(out)]  # fmt: skip
+    assert grid_walltime.main(argv) == 0
+    with open(out, newline="") as fh:
+        rows = {r["component"]: r for r in csv.DictReader(fh)}
+    # 7 backdoored models + the clean model Label-Consistent needs; 35 cells; one REFINE fit per model.
+    trainings, cells, fits = len(PAPER_ATTACKS) + 1, len(PAPER_ATTACKS) * len(PAPER_DEFENSES), len(PAPER_ATTACKS)
+    assert int(rows["train cifar_resnet18 (150 epochs)"]["count"]) == trainings
+    assert int(rows["fit refine c=64"]["count"]) == fits
+    expected = trainings * 40 * 150 + cells * 19_000 / 1900 + fits * 3000
+    assert float(rows["total (estimate)"]["total_s"]) == pytest.approx(expected)
+
+
+def test_grid_measure_reads_job_and_cell_seconds(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    for name, kind, state, seconds in [("a", "model", "done", 5.0), ("b", "model", "failed", 9.0), ("c", "defense", "done", 2.5)]:
+        (tmp_path / "jobs" / f"{name}.json").write_text(f'{{"kind": "{kind}", "state": "{state}", "seconds": {seconds}}}')
+    assert grid_walltime.stage_seconds(tmp_path) == {"model": 5.0, "defense": 2.5}
