@@ -285,6 +285,10 @@ def write_tsne_figures(
             groups.setdefault((cell.order[0], cell.order[1], cell.order[2]), []).append(cell)
     pngs = []
     for group in groups.values():
+        if not defenses:  # default panels: only cells that finished (a failed cell has no fitted state)
+            group = [c for c in group if c.cell_id in records]
+            if not group:
+                continue
         panels = choose_panels(group, defenses)
         first = panels[0]
         for cell in panels:

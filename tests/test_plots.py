@@ -81,7 +81,8 @@ def test_tradeoff_figures_are_written_as_png_and_pdf(tmp_path: Path) -> None:
 
 def tiny_config(defenses: list) -> dict:
     return {
-        "name": "tiny-tradeoff", "datasets": ["mnist5k"], "models": [{"name": "small_cnn", "width": 8}],
+        "name": "tiny-tradeoff", "datasets": [{"name": "mnist5k", "train_subset": 2000, "test_subset": 500}],
+        "models": [{"name": "small_cnn", "width": 8}],
         "attacks": ["badnets"], "defenses": defenses, "seeds": [0],
         "train": {"epochs": 1, "batch_size": 128, "lr": 0.05, "milestones": [], "crop_padding": 2, "flip": False},
     }  # fmt: skip
@@ -169,7 +170,8 @@ def test_tsne_from_the_run_uses_cached_models_only(tradeoff_run: dict, monkeypat
     run = tradeoff_run["root"] / "run"
     monkeypatch.setattr(bench.runner, "train_classifier", lambda *a, **k: pytest.fail("t-SNE trained a model"))
     (png,) = write_tsne_figures(run, tradeoff_run["paths"], "cpu", per_class=6, poisoned_per_class=3)
-    assert png.name == "tsne-mnist5k-small-cnn-width-8-badnets.png" and png.with_suffix(".pdf").exists()
+    assert png.name == "tsne-mnist5k-test-subset-500-train-subset-2000-small-cnn-width-8-badnets.png"
+    assert png.with_suffix(".pdf").exists()
     assert len(list((tradeoff_run["root"] / "cache" / "models").glob("*.pt"))) == 1
     points = pd.read_csv(png.with_suffix(".csv"))
     assert list(dict.fromkeys(points["panel"])) == ["none", "shrinkpad(pad=2)", "shrinkpad(pad=12)"]
@@ -182,3 +184,16 @@ def test_tsne_refuses_to_retrain_without_the_run_cache(tradeoff_run: dict, tmp_p
     with pytest.raises(BenchError, match="--cache-dir"):
         write_tsne_figures(tradeoff_run["root"] / "run", DataPaths(tmp_path, tmp_path / "empty"), "cpu", per_class=2)
     assert not (tmp_path / "empty" / "models").exists()
+
+
+def test_tsne_default_panels_skip_unfinished_cells(tradeoff_run: dict, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tradeoff_run["root"] / "run", run)
+    (last,) = [r for r in RecordStore(run).read_all() if r["intensity"] == PADS[-1]]
+    RecordStore(run).path(last["cell_id"]).unlink()  # as if the pad-12 cell had failed
+    (png,) = write_tsne_figures(run, tradeoff_run["paths"], "cpu", attacks=["badnets"], per_class=3,
+                                poisoned_per_class=2)  # fmt: skip
+    panels = list(dict.fromkeys(pd.read_csv(png.with_suffix(".csv"))["panel"]))
+    assert panels == ["none", "shrinkpad(pad=2)", f"shrinkpad(pad={PADS[-2]})"]
