@@ -41,7 +41,7 @@ def predict_labels(predict: Predictor, images: Tensor, device: torch.device, bat
 
 
 def percent(hits: Tensor) -> float:
-    return float(hits.float().mean().item() * 100) if hits.numel() else float("nan")
+    return float(hits.double().mean().item() * 100) if hits.numel() else float("nan")
 
 
 def backdoor_metrics(
