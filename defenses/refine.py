@@ -1,0 +1,272 @@
+"""REFINE (Chen et al., ICLR 2025): inversion-free backdoor defense by model reprogramming.
+
+The frozen, possibly backdoored model ``f`` is wrapped between two learned/fixed modules:
+
+- an **input transformation** ``T``: a U-Net (:class:`bench.unet.UNet`, widths c..8c) whose
+  output is clamped to [0, 1] and fed to ``f``. Models take [0, 1] images and normalise inside
+  (see :mod:`bench.models`), so ``T`` works in plain pixel space on both sides;
+- an **output mapping** ``pi``: a fixed random permutation of the K classes with no fixed point
+  (a derangement). The remapped score vector puts ``f``'s score of class ``j`` at ``pi(j)``.
+
+``T`` is trained on the defender's benign data *without its labels*: the pseudo-label of an
+image is ``f``'s own arg-max on it, and the loss is
+
+    CE(pi(f(clamp(T(x)))), f(x).argmax()) + supcon_weight * SupCon(normalize(flatten(clamp(T(x)))))
+
+with positives = same pseudo-label. Because ``pi`` has no fixed point, ``T`` must move every
+input far enough from its original appearance that ``f`` predicts a *different* class, which
+pi maps back: the trigger's pixel pattern does not survive that transformation. The defended
+prediction is ``pi(argmax f(clamp(T(x))))``; :meth:`Refine.predict` returns remapped logits,
+whose arg-max is exactly that label.
+
+Faithful details (from the paper and its public code): the pseudo-label is computed on the same
+augmented image that ``T`` sees; augmentation is random resized crop (0.8-1.0), horizontal flip,
+random grayscale 0.2; the contrastive loss contrasts two copies of each transformed image, as
+the public code does (each image is its own extra positive); the ragged last batch is dropped.
+``classification_loss: bce`` selects the public code's binary cross-entropy on the remapped
+softmax instead of the paper's cross-entropy.
+
+Ablations are parameters: ``remap: false`` (identity output mapping; the loss then asks ``T`` to
+keep ``f``'s prediction) and ``supcon_weight: 0`` (no contrastive term).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from bench import augment
+from bench.data import ImageSet
+from bench.device import to_float
+from bench.errors import BenchError
+from bench.losses import supcon_loss
+from bench.registry import DEFENSES
+from bench.seeding import derive_seed, generator
+from bench.train import TrainRecipe, make_scheduler
+from bench.unet import UNet
+from defenses.base import Defense
+
+
+def derangement(k: int, gen: torch.Generator) -> Tensor:
+    """A uniformly random permutation of ``range(k)`` with no fixed point (rejection sampling).
+
+    About e ~ 2.7 draws on average whatever ``k``; the same generator state gives the same result.
+    """
+    if k < 2:
+        raise BenchError(f"refine: the output mapping needs at least 2 classes, got {k}")
+    identity = torch.arange(k)
+    while True:
+        perm = torch.randperm(k, generator=gen, device=gen.device).cpu()
+        if not bool((perm == identity).any()):
+            return perm
+
+
+def remap(scores: Tensor, perm: Tensor) -> Tensor:
+    """Output mapping: ``out[..., perm[j]] = scores[..., j]`` (class j's score moves to pi(j))."""
+    return scores[..., torch.argsort(perm.to(scores.device))]
+
+
+def unmap(scores: Tensor, perm: Tensor) -> Tensor:
+    """Inverse of :func:`remap`: ``out[..., j] = scores[..., perm[j]]``."""
+    return scores[..., perm.to(scores.device)]
+
+
+def refine_augment(x: Tensor, gen: torch.Generator, crop_scale: tuple[float, float], flip: bool,
+                   grayscale: float) -> Tensor:  # fmt: skip
+    """REFINE's train-time augmentation, per image: resized crop, flip, grayscale."""
+    x = augment.random_resized_crop(x, gen, scale=crop_scale)
+    if flip:
+        x = augment.random_flip(x, gen)
+    return augment.random_grayscale(x, gen, p=grayscale) if grayscale > 0 else x
+
+
+@DEFENSES.register("refine")
+class Refine(Defense):
+    """U-Net input transformation + fixed derangement of the labels, trained label-free (REFINE)."""
+
+    trainable = True
+
+    def __init__(
+        self,
+        width: int = 64,
+        epochs: int = 150,
+        batch_size: int = 256,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        milestones: list[int] | None = None,
+        gamma: float = 0.8,
+        supcon_weight: float = 0.1,
+        temperature: float = 0.07,
+        remap: bool = True,
+        classification_loss: str = "ce",
+        crop_scale: list[float] | None = None,
+        flip: bool = True,
+        grayscale: float = 0.2,
+        benign_fraction: float = 0.2,
+        amp: bool = True,
+        **params: Any,
+    ) -> None:
+        super().__init__(**params)
+        self.width = width
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.optimizer = optimizer
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.milestones = list(milestones) if milestones is not None else [100, 130]
+        self.gamma = gamma
+        self.supcon_weight = supcon_weight
+        self.temperature = temperature
+        self.remap = remap
+        self.classification_loss = classification_loss
+        self.crop_scale = list(crop_scale) if crop_scale is not None else [0.8, 1.0]
+        self.flip = flip
+        self.grayscale = grayscale
+        self.benign_fraction = benign_fraction
+        self.amp = amp
+        self._validate()
+        self._unet: UNet | None = None
+        self._perm: Tensor | None = None
+        self._fit_loss = float("nan")
+
+    def _validate(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise BenchError(f"refine: {what}")
+
+        need(isinstance(self.width, int) and self.width >= 1, f"width must be a positive integer, got {self.width!r}")
+        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1, got {self.epochs!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size!r}")
+        need(self.optimizer in ("sgd", "adam"), f"optimizer must be sgd or adam, got {self.optimizer!r}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(all(isinstance(m, int) and 0 < m for m in self.milestones), f"milestones must be positive epochs, got {self.milestones}")
+        need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        need(self.supcon_weight >= 0, f"supcon_weight must be >= 0, got {self.supcon_weight}")
+        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        need(isinstance(self.remap, bool), f"remap must be true or false, got {self.remap!r}")
+        need(self.classification_loss in ("ce", "bce"), f"classification_loss must be ce or bce, got {self.classification_loss!r}")
+        need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+             f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")  # fmt: skip
+        need(0 <= self.grayscale <= 1, f"grayscale must be a probability, got {self.grayscale}")
+        need(0 < self.benign_fraction < 1, f"benign_fraction must be in (0, 1), got {self.benign_fraction}")
+
+    # ------------------------------------------------------------------ modules
+    def _build_unet(self, channels: int) -> UNet:
+        """A U-Net initialised from the defense seed, so a fit is reproducible end to end."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, "refine-unet"))
+            unet = UNet(channels, channels, base=self.width)
+        return unet.to(self.device)
+
+    def _draw_permutation(self, num_classes: int) -> Tensor:
+        return derangement(num_classes, generator(self.seed, "refine-permutation"))
+
+    @property
+    def permutation(self) -> Tensor:
+        """The output mapping pi as a tensor (``pi[j]`` = where class j's score goes)."""
+        if self._perm is None:
+            raise BenchError("refine: fit() or load_state() the defense first")
+        return self._perm
+
+    def _map(self, logits: Tensor) -> Tensor:
+        return remap(logits, self.permutation) if self.remap else logits
+
+    # ------------------------------------------------------------------ the defended model
+    def transform(self, x: Tensor) -> Tensor:
+        """clamp(T(x), 0, 1): what the frozen model sees (also what features()/t-SNE see)."""
+        if self._unet is None:
+            raise BenchError("refine: fit() or load_state() the defense first")
+        self._unet.eval()
+        return self._unet(x).clamp(0, 1)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Remapped logits: their arg-max is pi(argmax f(clamp(T(x))))."""
+        return self._map(super().predict(x))
+
+    # ------------------------------------------------------------------ training
+    def _optimizer(self) -> torch.optim.Optimizer:
+        assert self._unet is not None
+        params = self._unet.parameters()
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=(self.momentum, 0.999), weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def _loss(self, x: Tensor) -> Tensor:
+        """REFINE's objective on one augmented batch ``x``; never looks at ground-truth labels."""
+        assert self.model is not None and self._unet is not None
+        with torch.no_grad():
+            pseudo = self.model(x).argmax(1)
+        transformed = self._unet(x).clamp(0, 1)
+        scores = self._map(self.model(transformed))
+        if self.classification_loss == "ce":
+            loss = F.cross_entropy(scores.float(), pseudo)
+        else:
+            target = F.one_hot(pseudo, scores.shape[1]).float()
+            loss = F.binary_cross_entropy(scores.float().softmax(1), target)
+        if self.supcon_weight > 0:
+            z = F.normalize(transformed.flatten(1).float(), dim=1)
+            loss = loss + self.supcon_weight * supcon_loss(torch.stack([z, z], 1), pseudo, self.temperature)
+        return loss
+
+    def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
+        """Train T on the benign images (their labels are never read) for ``epochs`` epochs."""
+        assert self.model is not None, "bind() the defense to a model first"
+        images = benign.x.to(self.device)
+        n = images.shape[0]
+        if n < 2:
+            raise BenchError(f"refine: needs at least 2 benign images, got {n}")
+        self._perm = self._draw_permutation(benign.num_classes)
+        self._unet = self._build_unet(images.shape[1])
+        batch = min(self.batch_size, n)
+        steps = n // batch  # drop the ragged last batch, as the public code does
+        recipe = TrainRecipe(epochs=self.epochs, batch_size=batch, lr=self.lr, momentum=self.momentum,
+                             weight_decay=self.weight_decay, schedule="multistep", milestones=self.milestones,
+                             gamma=self.gamma)  # fmt: skip
+        optimizer = self._optimizer()
+        scheduler = make_scheduler(optimizer, recipe, steps)
+        gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        use_amp = self.amp and self.device.type == "cuda"
+        self._unet.train()
+        bar = tqdm(total=self.epochs * steps, desc="fit refine", leave=False, disable=None)
+        for epoch in range(self.epochs):
+            order = torch.randperm(n, generator=gen, device=self.device)
+            running = torch.zeros((), device=self.device)
+            for step in range(steps):
+                x = to_float(images[order[step * batch : (step + 1) * batch]])
+                x = refine_augment(x, gen, tuple(self.crop_scale), self.flip, self.grayscale)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                    loss = self._loss(x)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                running += loss.detach()
+                bar.update(1)
+                if step % 10 == 9 or step == steps - 1:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{(running / (step + 1)).item():.4f}")
+        bar.close()
+        self._fit_loss = float((running / steps).item())  # last epoch's mean loss, for diagnostics
+        self._unet.eval()
+
+    # ------------------------------------------------------------------ cached state
+    def state(self) -> dict[str, Any]:
+        if self._unet is None or self._perm is None:
+            raise BenchError("refine: nothing to save before fit()")
+        return {
+            "unet": {k: v.detach().cpu() for k, v in self._unet.state_dict().items()},
+            "permutation": self._perm.cpu(),
+            "channels": int(self._unet.stem[0].in_channels),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._unet = self._build_unet(int(state["channels"]))
+        self._unet.load_state_dict(state["unet"])
+        self._unet.eval()
+        self._perm = state["permutation"].to(torch.int64).cpu()

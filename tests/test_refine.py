@@ -1,0 +1,169 @@
+"""REFINE end to end on real MNIST digits: label-free fitting, prediction, cached state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.config import GridConfig
+from bench.data import DataPaths, DataSplit, ImageSet
+from bench.device import to_float
+from bench.errors import BenchError
+from bench.grid import compile_grid
+from bench.models import build_model
+from bench.runner import CellRunner
+from bench.store import ArtifactStore
+from bench.train import TrainRecipe, train_classifier
+from defenses.refine import Refine
+
+CPU = torch.device("cpu")
+TINY = {"width": 4, "epochs": 1, "batch_size": 32}
+
+
+def fitted(model: torch.nn.Module, benign: ImageSet, seed: int = 0, **params) -> Refine:
+    defense = Refine(**{**TINY, **params})
+    defense.bind(model, CPU, seed)
+    defense.fit(benign, torch.Generator().manual_seed(seed))
+    return defense
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return (a.keys() == b.keys() and torch.equal(a["permutation"], b["permutation"])
+            and all(torch.equal(a["unet"][k], b["unet"][k]) for k in a["unet"]))  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions gain nothing from a second thread, and on a shared CPU it costs many times over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits(mnist: DataSplit) -> ImageSet:
+    return mnist.train.subset(torch.arange(2000, 2128))
+
+
+@pytest.fixture(scope="module")
+def digit_model(mnist: DataSplit) -> torch.nn.Module:
+    """A small CNN trained briefly on the MNIST digits: predictions that depend on the input."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1, width=8)
+    recipe = TrainRecipe(epochs=2, batch_size=50, lr=0.05, schedule="onecycle", crop_padding=0, flip=False)
+    return train_classifier(model, mnist.train.x[:2000], mnist.train.y[:2000], recipe, CPU, seed=0)
+
+
+def test_benign_labels_are_never_read(digit_model, digits: ImageSet) -> None:
+    garbage = ImageSet(digits.x, torch.randint(-1000, 1000, (len(digits),)), digits.classes)
+    honest = fitted(digit_model, digits).state()
+    assert same_state(honest, fitted(digit_model, garbage).state())
+    assert not same_state(honest, fitted(digit_model, digits, seed=1).state())  # the check can fail
+
+
+def test_prediction_is_pi_of_the_models_argmax_on_the_transformed_input(digit_model, digits: ImageSet) -> None:
+    defense = fitted(digit_model, digits)
+    x = to_float(digits.x[:32])
+    with torch.no_grad():
+        transformed = defense.transform(x)
+        raw = digit_model(transformed).argmax(1)
+        assert transformed.min() >= 0 and transformed.max() <= 1 and transformed.shape == x.shape
+        assert torch.equal(defense.predict(x).argmax(1), defense.permutation[raw])
+        assert torch.equal(defense.features(x), digit_model.features(transformed))
+    assert not (defense.permutation == torch.arange(10)).any()
+
+
+def test_remap_false_predicts_the_models_own_label(digit_model, digits: ImageSet) -> None:
+    defense = fitted(digit_model, digits, remap=False)
+    x = to_float(digits.x[:32])
+    with torch.no_grad():
+        assert torch.equal(defense.predict(x), digit_model(defense.transform(x)))
+
+
+def test_state_round_trips_through_the_artifact_store(digit_model, digits: ImageSet, tmp_path: Path) -> None:
+    defense = fitted(digit_model, digits)
+    store = ArtifactStore(tmp_path)
+    store.save("defenses", "key", defense.state())
+    restored = Refine(**TINY)
+    restored.bind(digit_model, CPU, 0)
+    restored.load_state(store.load("defenses", "key"))
+    assert same_state(defense.state(), restored.state())
+    x = to_float(digits.x[:16])
+    with torch.no_grad():
+        assert torch.equal(defense.predict(x), restored.predict(x))
+
+
+def test_the_runner_caches_the_fitted_state(mnist: DataSplit, tmp_path: Path, monkeypatch) -> None:
+    config = GridConfig.model_validate({
+        "datasets": ["mnist5k"], "models": [{"name": "small_cnn", "width": 4}], "attacks": ["badnets"],
+        "defenses": [{"name": "refine", **TINY, "benign_fraction": 0.05}], "holdout": 0.2,
+    })  # fmt: skip
+    (cell,) = compile_grid(config)
+    runner = CellRunner(config, DataPaths(Path("unused"), tmp_path), ArtifactStore(tmp_path), CPU)
+    runner._datasets[cell.dataset.model_dump_json(exclude={"label"})] = mnist
+    data = runner.cell_data(cell)
+    model = build_model("small_cnn", 10, 1, width=4)
+    first, cached = runner.defense(cell, data, model)
+    assert not cached
+    assert len(runner.benign_subset(cell, data, first)) == round(0.05 * len(mnist.train))
+
+    def no_refit(*_args, **_kwargs):
+        raise AssertionError("a cached REFINE state must not be fitted again")
+
+    monkeypatch.setattr(Refine, "fit", no_refit)
+    second, cached = runner.defense(cell, data, model)
+    assert cached and same_state(first.state(), second.state())
+
+
+def test_fitting_learns_to_undo_the_mapping(digit_model, mnist: DataSplit) -> None:
+    """Trained on 64 digits, pi(f(T(x))) recovers f(x) on them far more often than an untrained T."""
+    benign = mnist.train.subset(torch.arange(2000, 2064))
+    x = to_float(benign.x)
+    no_augment = {"crop_scale": [1.0, 1.0], "flip": False, "grayscale": 0.0}
+    trained = fitted(digit_model, benign, width=4, epochs=30, batch_size=32, **no_augment)
+    untrained = Refine(width=4)
+    untrained.bind(digit_model, CPU, 0)
+    untrained.load_state({**trained.state(), "unet": untrained._build_unet(1).state_dict()})
+
+    def agreement(defense: Refine) -> float:
+        with torch.no_grad():
+            return (defense.predict(x).argmax(1) == digit_model(x).argmax(1)).float().mean().item()
+
+    assert agreement(trained) > agreement(untrained) + 0.2
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"width": 0}, "width"),
+        ({"epochs": 0}, "epochs"),
+        ({"supcon_weight": -1}, "supcon_weight"),
+        ({"remap": "no"}, "remap"),
+        ({"classification_loss": "mse"}, "classification_loss"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"crop_scale": [0.9, 0.8]}, "crop_scale"),
+        ({"benign_fraction": 1.5}, "benign_fraction"),
+        ({"colour": 1}, "unknown parameters"),
+    ],
+)
+def test_bad_parameters_raise_one_clear_error(params: dict, message: str) -> None:
+    with pytest.raises(BenchError, match=message):
+        Refine(**params)
+
+
+def test_predict_before_fit_is_a_clear_error(digit_model) -> None:
+    defense = Refine()
+    defense.bind(digit_model, CPU, 0)
+    with pytest.raises(BenchError, match="fit"):
+        defense.predict(torch.rand(2, 1, 28, 28))
+
+
+def test_public_code_variants_train_too(digit_model, digits: ImageSet) -> None:
+    """BCE on the remapped softmax (the public code's loss) with Adam gives a finite fit that moves T."""
+    defense = fitted(digit_model, digits, classification_loss="bce", optimizer="adam", lr=1e-3)
+    assert torch.isfinite(torch.tensor(defense._fit_loss))
+    initial = defense._build_unet(1).state_dict()
+    assert any(not torch.equal(v, initial[k]) for k, v in defense.state()["unet"].items())
