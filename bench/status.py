@@ -47,6 +47,12 @@ class JobBook:
         atomic_write_json(entry, self.run_dir / JOBS_DIR / f"{job.job_id}.json")
 
     def begin(self, plan: Plan, **info: Any) -> None:
+        """Start a run: write the plan and run.json; jobs a killed driver left "running" become
+        "interrupted" (the caller holds the run lock, so no live driver owns them)."""
+        for path in sorted((self.run_dir / JOBS_DIR).glob("*.json")):
+            entry = read_json(path)
+            if entry and entry.get("state") == "running":
+                atomic_write_json({**entry, "state": "interrupted"}, path)
         atomic_write_json(plan.to_json(), self.run_dir / "plan.json")
         atomic_write_json(
             {"run_id": self.run_id, "state": "running", **this_process(), **info}, self.run_dir / "run.json"

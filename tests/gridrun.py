@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +20,33 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Four cells on two backdoored models: enough for "some records exist, others do not yet".
+# Six cells on three backdoored models. With two workers the third model trains only after the
+# first records exist, so "some records exist, others do not yet" lasts a whole training run.
 GRID = {
-    "datasets": [{"name": "mnist5k", "train_size": 3000}],
+    "datasets": [{"name": "mnist5k", "train_subset": 2000, "test_subset": 600}],
     "models": [{"name": "small_cnn", "width": 8}],
-    "attacks": ["badnets", {"name": "blended", "alpha": 0.1}],
+    "attacks": ["badnets", {"name": "blended", "alpha": 0.1}, {"name": "blended", "alpha": 0.2}],
     "defenses": ["none", {"name": "shrinkpad", "pad": 2}],
     "seeds": [0],
     "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "milestones": [], "crop_padding": 2, "flip": False},
 }
-N_CELLS = 4
+N_CELLS = 6
 
 _REFERENCE: dict[str, Path] = {}
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch single-threaded here, as the workers do: the same numbers, and no thread
+    contention on a busy machine (tiny models gain nothing from a second thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_grid(path: Path, grid: dict | None = None) -> Path:
@@ -59,20 +76,14 @@ def reference_run(tmp_path_factory: Any) -> Path:
     It runs in this process (no start-up cost) with one thread, like the subprocesses.
     """
     if "run" not in _REFERENCE:
-        import torch
-
         from bench.config import load_config
         from bench.data import DataPaths
         from bench.execute import run_grid
 
         base = tmp_path_factory.mktemp("reference")
         config = load_config(write_grid(base / "grid.yaml"))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             cells, computed, _ = run_grid(config, base / "run", DataPaths(base / "data", base / "cache"), "cpu")
-        finally:
-            torch.set_num_threads(threads)
         assert len(cells) == computed == N_CELLS
         _REFERENCE["run"] = base / "run"
     return _REFERENCE["run"]

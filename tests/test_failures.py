@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from gridrun import GRID, write_grid
+from gridrun import GRID, one_thread, write_grid
 
 from bench.cli import main
 from bench.registry import DEFENSES
@@ -27,6 +27,12 @@ def exploding(monkeypatch):
     """Registered for this test only, so no other test (or conformance check) ever sees it."""
     DEFENSES.names()  # load the built-ins first
     monkeypatch.setitem(DEFENSES._items, "exploding", ExplodingDefense)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
 
 
 def test_failing_defense_fails_its_cell_only(tmp_path, exploding, capsys):

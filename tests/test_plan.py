@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from gridrun import one_thread
 
 import bench.runner
 from bench.config import GridConfig
@@ -165,9 +166,10 @@ def test_two_workers_never_train_the_same_model(tmp_path, monkeypatch):
         models.append(runner.backdoored_model(cell, data, runner.fitted_attack(cell, data))[0])
 
     threads = [threading.Thread(target=work, args=(r,)) for r in runners]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with one_thread():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     assert len(trained) == 1
     assert len(models) == 2 and all(float(m.head.weight.detach().mean()) == 0.25 for m in models)

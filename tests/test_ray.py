@@ -24,6 +24,6 @@ def test_ray_backend_gives_the_local_table(tmp_path_factory, tmp_path):
     assert jobs and all(j["state"] == "done" for j in jobs)
     # The jobs ran in Ray's worker processes, not in the driver.
     assert all(not j["worker"].startswith(f"pid {run['pid']} ") for j in jobs)
-    assert len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 3
     assert (tmp_path / "run" / "table.md").read_text() == (reference / "table.md").read_text()
     assert_complete_files(tmp_path / "run")
