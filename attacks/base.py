@@ -8,8 +8,9 @@ warping field, clean-label perturbations) draw it in :meth:`fit`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,9 @@ class PoisonedSet:
 
     train: ImageSet
     poisoned_index: Tensor  # indices of samples that carry the trigger and the attacker's label
+    # Samples the attack modified but left with their true label (Adaptive-Patch's cover
+    # samples, WaNet's noise-mode samples): a defense must not be told these are clean.
+    cover_index: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
 
 
 @dataclass
@@ -39,6 +43,9 @@ class Attack:
     """Base class of all attacks. Parameters come from the config as keyword arguments."""
 
     name: ClassVar[str] = ""
+    # Clean-label attacks poison target-class samples and keep every label (Label-Consistent);
+    # the others relabel non-target samples to the target (all-to-one).
+    clean_label: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         if params:
@@ -62,14 +69,34 @@ class Attack:
         """Extra train-time transformation of every batch (PhysicalBA's physical transforms)."""
         return x
 
+    def poisoning_rate(self, rate: float) -> float:
+        """The share of the training set this attack poisons: the attack's own ``poison_rate``
+        parameter when it has one and it is set (Adaptive-Patch's 1%), else the grid's rate."""
+        own = getattr(self, "poison_rate", None)
+        return rate if own is None else float(own)
+
     def select_poison_index(self, train: ImageSet, rate: float, target: int, gen: torch.Generator) -> Tensor:
-        """Exactly ``round(rate * N)`` indices, drawn without replacement from non-target samples."""
+        """Exactly ``round(poisoning_rate(rate) * N)`` indices, drawn without replacement from the
+        non-target samples (from the target class for clean-label attacks)."""
+        rate = self.poisoning_rate(rate)
         count = round(rate * len(train))
-        candidates = torch.nonzero(train.y != target).flatten()
+        pool = train.y == target if self.clean_label else train.y != target
+        candidates = torch.nonzero(pool).flatten()
         if count > candidates.numel():
+            where = "in" if self.clean_label else "outside"
             raise BenchError(
-                f"poisoning rate {rate} asks for {count} samples but only {candidates.numel()} are outside the target class"
+                f"poisoning rate {rate} asks for {count} samples but only {candidates.numel()} are {where} the target class"
             )
+        pick = torch.randperm(candidates.numel(), generator=gen)[:count]
+        return torch.sort(candidates[pick]).values
+
+    def select_cover_index(self, train: ImageSet, count: int, exclude: Tensor, gen: torch.Generator) -> Tensor:
+        """``count`` indices of any class outside ``exclude`` (the poisoned ones), without replacement."""
+        free = torch.ones(len(train), dtype=torch.bool)
+        free[exclude] = False
+        candidates = torch.nonzero(free).flatten()
+        if count > candidates.numel():
+            raise BenchError(f"attack {self.name!r} asks for {count} cover samples but only {candidates.numel()} are left")
         pick = torch.randperm(candidates.numel(), generator=gen)[:count]
         return torch.sort(candidates[pick]).values
 

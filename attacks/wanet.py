@@ -1,0 +1,91 @@
+"""WaNet (Nguyen & Tran, ICLR 2021): an imperceptible, smooth warping of the whole image.
+
+The warping field is drawn once per cell: a k x k control grid of uniform noise in [-1, 1],
+normalised to mean absolute value 1, upsampled bicubically to the image size. The trigger moves
+every pixel by ``s * field / size`` in ``grid_sample``'s [-1, 1] coordinates (clamped to the
+image), so the test-time trigger is exactly the training-time one. In noise ("cross") mode,
+``cross_ratio`` times as many extra samples are warped by the field plus per-pixel random noise
+and keep their true labels, which forces the model to learn the exact field rather than "any
+warp" (the WaNet paper uses cross_ratio 2; 0 switches the mode off).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attacks.base import Attack, FitContext, PoisonedSet
+from bench.data import ImageSet
+from bench.device import to_float, to_uint8
+from bench.errors import BenchError
+from bench.registry import ATTACKS
+
+
+@ATTACKS.register("wanet")
+class WaNet(Attack):
+    """Smooth warping trigger: k x k noise grid (k=4), bicubic upsampling, strength s=0.5; optional noise mode."""
+
+    def __init__(self, k: int = 4, s: float = 0.5, cross_ratio: float = 0.0, grid_rescale: float = 1.0,
+                 **params: Any) -> None:  # fmt: skip
+        super().__init__(**params)
+        if k < 2:
+            raise BenchError(f"wanet: k (control grid size) must be >= 2, got {k}")
+        if s < 0:
+            raise BenchError(f"wanet: s (warping strength) must be >= 0, got {s}")
+        if cross_ratio < 0:
+            raise BenchError(f"wanet: cross_ratio must be >= 0, got {cross_ratio}")
+        if not 0 < grid_rescale <= 1:
+            raise BenchError(f"wanet: grid_rescale must be in (0, 1], got {grid_rescale}")
+        self.k = k
+        self.s = s
+        self.cross_ratio = cross_ratio
+        self.grid_rescale = grid_rescale
+        self._control: Tensor | None = None  # (1, 2, k, k), drawn in fit()
+
+    def fit(self, train: ImageSet, gen: torch.Generator, ctx: FitContext | None = None) -> None:
+        """Draw the control grid from the cell's generator (cheap: k x k numbers)."""
+        control = torch.rand(1, 2, self.k, self.k, generator=gen) * 2 - 1
+        self._control = control / control.abs().mean()
+
+    def warp_grid(self, height: int, width: int, device: torch.device) -> Tensor:
+        """The sampling grid (1, H, W, 2) of the trigger: identity + s * upsampled field / size."""
+        if self._control is None:
+            raise BenchError("wanet: the warping field is drawn in fit(); call fit() before applying the trigger")
+        field = F.interpolate(self._control, size=(height, width), mode="bicubic", align_corners=True)
+        field = field.permute(0, 2, 3, 1)  # (1, H, W, 2): x (column) and y (row) offsets
+        rows = torch.linspace(-1, 1, height)
+        cols = torch.linspace(-1, 1, width)
+        identity = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)[None]
+        offset = self.s * field / torch.tensor([width, height], dtype=field.dtype)
+        grid = ((identity + offset) * self.grid_rescale).clamp(-1, 1)
+        return grid.to(device)
+
+    @staticmethod
+    def warp(x: Tensor, grid: Tensor) -> Tensor:
+        return F.grid_sample(x, grid.to(x.dtype).expand(x.shape[0], -1, -1, -1), mode="bilinear",
+                             padding_mode="zeros", align_corners=True)  # fmt: skip
+
+    def trigger(self, x: Tensor) -> Tensor:
+        return self.warp(x, self.warp_grid(x.shape[2], x.shape[3], x.device))
+
+    def noise_warp(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """Noise mode: the trigger's grid plus independent per-pixel noise of up to half a pixel."""
+        n, _, h, w = x.shape
+        grid = self.warp_grid(h, w, torch.device("cpu"))
+        noise = (torch.rand(n, h, w, 2, generator=gen) * 2 - 1) / torch.tensor([w, h])
+        grid = (grid + noise).clamp(-1, 1).to(device=x.device, dtype=x.dtype)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+    def poison_train(self, train: ImageSet, rate: float, target: int, gen: torch.Generator) -> PoisonedSet:
+        """All-to-one poisoning, plus ``cross_ratio`` x as many noise-warped samples with true labels."""
+        poisoned = super().poison_train(train, rate, target, gen)
+        count = round(self.cross_ratio * poisoned.poisoned_index.numel())
+        if count == 0:
+            return poisoned
+        cover = self.select_cover_index(train, count, poisoned.poisoned_index, gen)
+        x = poisoned.train.x
+        x[cover] = to_uint8(self.noise_warp(to_float(train.x[cover]), gen).clamp(0, 1))
+        return PoisonedSet(ImageSet(x, poisoned.train.y, train.classes), poisoned.poisoned_index, cover)
