@@ -78,6 +78,31 @@ def expand_defenses(specs: list[PluginSpec]) -> list[PluginSpec]:
     return out
 
 
+def model_key(
+    config: GridConfig, dataset: PluginSpec, model: PluginSpec, attack: str, attack_params: dict[str, Any], seed: int
+) -> str:
+    """The content hash of the model trained for (dataset, model, attack, seed) under ``config``."""
+    return stable_hash({
+        "v": ARTIFACT_VERSION,
+        "poison": config.poison.model_dump(),
+        "train": config.resolved()["train"],
+        "holdout": config.holdout,
+        "dataset": dataset.model_dump(exclude={"label"}),
+        "model": model.model_dump(exclude={"label"}),
+        "attack": {"name": attack, **attack_params},
+        "seed": seed,
+    })  # fmt: skip
+
+
+def clean_model_key(config: GridConfig, dataset: PluginSpec, model: PluginSpec, seed: int) -> str:
+    """The key of the ``clean`` reference attack's model: the same recipe on unpoisoned data.
+
+    A clean-label attack's clean model (``FitContext.train_clean_model``) is this model, so it is
+    trained once and shared with the grid's ``clean`` row instead of once per attack setting.
+    """
+    return model_key(config, dataset, model, "clean", instantiate(ATTACKS, PluginSpec(name="clean")).describe(), seed)
+
+
 def compile_grid(config: GridConfig) -> list[Cell]:
     """All cells of the grid, in config order (dataset, model, attack, defense, seed)."""
     for spec in config.datasets:
@@ -91,37 +116,25 @@ def compile_grid(config: GridConfig) -> list[Cell]:
     if len(set(labels)) != len(labels):
         raise BenchError(f"two defense entries have the same label {labels}; give them distinct 'label's")
     cells: list[Cell] = []
-    shared = {
-        "v": ARTIFACT_VERSION,
-        "poison": config.poison.model_dump(),
-        "train": config.resolved()["train"],
-        "holdout": config.holdout,
-    }
     for di, dataset in enumerate(config.datasets):
         for mi, model in enumerate(config.models):
             for ai, (attack, attack_params) in enumerate(attacks):
                 for si, seed in enumerate(config.seeds):
-                    model_key = stable_hash({
-                        **shared,
-                        "dataset": dataset.model_dump(exclude={"label"}),
-                        "model": model.model_dump(exclude={"label"}),
-                        "attack": {"name": attack.name, **attack_params},
-                        "seed": seed,
-                    })
+                    key = model_key(config, dataset, model, attack.name, attack_params, seed)
                     for fi, (spec, defense) in enumerate(defenses):
                         params = defense.describe()
                         fit_params = dict(params)
                         if defense.intensity_param and not defense.intensity_affects_fit:
                             fit_params.pop(defense.intensity_param, None)
                         defense_key = (
-                            stable_hash({"model": model_key, "defense": spec.name, **fit_params})
+                            stable_hash({"model": key, "defense": spec.name, **fit_params})
                             if defense.trainable
                             else None
                         )
                         cells.append(Cell(
-                            cell_id=stable_hash({"model": model_key, "defense": spec.name, **params}),
+                            cell_id=stable_hash({"model": key, "defense": spec.name, **params}),
                             dataset=dataset, model=model, attack=attack, defense=spec, seed=seed,
-                            model_key=model_key, defense_key=defense_key,
+                            model_key=key, defense_key=defense_key,
                             attack_params=attack_params, defense_params=params,
                             intensity=defense.intensity, order=(di, mi, ai, fi, si),
                         ))  # fmt: skip

@@ -21,7 +21,7 @@ from attacks.base import Attack, FitContext
 from bench.config import GridConfig, PluginSpec
 from bench.data import DataPaths, DataSplit, ImageSet, load_dataset, stratified_split
 from bench.errors import BenchError
-from bench.grid import Cell, instantiate
+from bench.grid import Cell, clean_model_key, instantiate
 from bench.metrics import backdoor_metrics
 from bench.models import build_model
 from bench.registry import ATTACKS, DEFENSES
@@ -112,8 +112,9 @@ class CellRunner:
         return self._cached_or_trained(cell.model_key, cell, data, train)
 
     def clean_model(self, cell: Cell, data: CellData) -> nn.Module:
-        """A model trained with the same recipe on the unpoisoned attacker split (cached)."""
-        key = f"clean-{cell.model_key}"
+        """A model trained with the same recipe on the unpoisoned attacker split: the ``clean``
+        reference row's model, cached under its key and so trained once for the whole grid."""
+        key = clean_model_key(self.config, cell.dataset, cell.model, cell.seed)
 
         def train(model: nn.Module) -> nn.Module:
             return train_classifier(model, data.attacker_train.x, data.attacker_train.y, self.config.train,
