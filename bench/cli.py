@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list registered datasets, models, attacks and defenses",
                    description="List every registered plugin with a one-line description.")
+
+    triggers = sub.add_parser("show-triggers", help="draw one PNG: a clean image and its poisoned version per attack",
+                              description="Write a PNG grid with a clean test image, its poisoned version and "
+                                          "their difference for every registered attack (or a grid file's attacks).")
+    triggers.add_argument("config", nargs="?", help="grid YAML: use its first dataset and its attacks' parameters")
+    triggers.add_argument("--dataset", default="cifar10", help="dataset when no config is given (default: cifar10)")
+    triggers.add_argument("--out", default="results/triggers.png", help="PNG path (default: results/triggers.png)")
+    triggers.add_argument("--index", type=int, default=0, help="which non-target test image to show (default: 0)")
+    triggers.add_argument("--seed", type=int, default=0, help="cell seed for drawn triggers such as WaNet's field")
+    _common(triggers)
     return parser
 
 
@@ -175,6 +185,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show_triggers(args: argparse.Namespace) -> int:
+    from bench.config import PluginSpec, load_config
+    from bench.data import DataPaths, load_dataset
+    from bench.triggers import default_specs, trigger_examples, write_trigger_grid
+
+    if args.config:
+        config = load_config(args.config)
+        dataset, specs, target = config.datasets[0], config.attacks, config.poison.target
+    else:
+        dataset, specs, target = PluginSpec(name=args.dataset), default_specs(), 0
+    cache_dir = Path(args.cache_dir) if args.cache_dir else Path("results") / "cache"
+    data = load_dataset(dataset.name, DataPaths.resolve(args.data_root, cache_dir), **dataset.params)
+    examples = trigger_examples(specs, data, seed=args.seed, index=args.index, target=target)
+    path = write_trigger_grid(examples, Path(args.out), title=f"{data.name}: test image {args.index}, seed {args.seed}")
+    print(f"{len(examples)} attacks -> {path}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, describe
 
@@ -192,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run", *argv]  # `run_bench.py` alone runs the default grid
     args = parser.parse_args(argv)
     handlers = {"run": cmd_run, "table": cmd_table, "list": cmd_list, "plot": cmd_plot, "report": cmd_report,
-                "status": cmd_status}
+                "status": cmd_status, "show-triggers": cmd_show_triggers}
     try:
         return handlers[args.command](args)
     except BenchError as err:
