@@ -24,7 +24,8 @@ augmented image that ``T`` sees; augmentation is random resized crop (0.8-1.0), 
 random grayscale 0.2; the contrastive loss contrasts two copies of each transformed image, as
 the public code does (each image is its own extra positive); the ragged last batch is dropped.
 ``classification_loss: bce`` selects the public code's binary cross-entropy on the remapped
-softmax instead of the paper's cross-entropy.
+softmax instead of the paper's cross-entropy, and ``optimizer: adam`` the Adam optimiser of the
+BackdoorBox implementation instead of the paper's SGD.
 
 Ablations are parameters: ``remap: false`` (identity output mapping; the loss then asks ``T`` to
 keep ``f``'s prediction) and ``supcon_weight: 0`` (no contrastive term).

@@ -113,15 +113,16 @@ def test_both_modes_fit_round_trip_and_leave_the_frozen_model_alone(digits_model
     benign = mnist.train.subset(torch.arange(1000, 1128))
     before = {k: v.clone() for k, v in digits_model.state_dict().items()}
     x = to_float(mnist.test.x[:64])
-    for cls, rounds in ((BTIDBFUnlearn, 1), (BTIDBFPurify, 2)):  # round 2 also pulls G towards the target
-        defense = cls(**{**TINY, "rounds": rounds})
+    variants = ((BTIDBFUnlearn, {"rounds": 1}), (BTIDBFPurify, {"rounds": 2, "generator_norm": "batch"}))
+    for cls, extra in variants:  # round 2 also pulls G towards the detected target
+        defense = cls(**{**TINY, **extra})
         defense.bind(digits_model, torch.device("cpu"), seed=1)
         defense.fit(benign, torch.Generator().manual_seed(0))
         assert defense.detected_target is not None and 0 <= defense.detected_target < 10
         inverted = defense.invert_images(x)
         assert inverted.shape == x.shape and inverted.min() >= 0 and inverted.max() <= 1
         state = defense.state()
-        twin = cls(**{**TINY, "rounds": rounds})
+        twin = cls(**{**TINY, **extra})
         twin.bind(digits_model, torch.device("cpu"), seed=1)
         twin.load_state(state)
         defense.bind(digits_model, torch.device("cpu"), seed=1)  # same noise stream for both
@@ -148,4 +149,6 @@ def test_modes_and_parameters_are_validated() -> None:
         BTIDBFPurify(rounds=0)
     with pytest.raises(BenchError, match="benign_fraction"):
         BTIDBF(benign_fraction=0)
+    with pytest.raises(BenchError, match="generator_norm"):
+        BTIDBF(generator_norm="layer")
     assert BTIDBFUnlearn.name == "btidbf_u" and BTIDBFPurify.name == "btidbf_p" and BTIDBF.name == "btidbf"
