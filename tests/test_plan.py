@@ -14,6 +14,7 @@ from gridrun import one_thread
 import bench.runner
 from bench.config import GridConfig
 from bench.data import DataPaths
+from bench.execute import run_grid
 from bench.executors import JobResult
 from bench.grid import compile_grid
 from bench.plan import Job, build_plan
@@ -173,3 +174,27 @@ def test_two_workers_never_train_the_same_model(tmp_path, monkeypatch):
             thread.join()
     assert len(trained) == 1
     assert len(models) == 2 and all(float(m.head.weight.detach().mean()) == 0.25 for m in models)
+
+
+def test_a_corrupted_artifact_is_retrained_on_resume(tmp_path, monkeypatch):
+    """A model file that fails its checksum is treated as missing: the job that needs it trains it again."""
+    trained: list[int] = []
+
+    def fake_training(model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        trained.append(1)
+        return model
+
+    monkeypatch.setattr(bench.runner, "train_classifier", fake_training)
+    config = _config(attacks=["badnets"], defenses=["none"], seeds=[0])
+    paths = DataPaths(Path("unused"), tmp_path / "cache")
+    with one_thread():
+        cells, computed, _ = run_grid(config, tmp_path / "run", paths, "cpu")
+        assert computed == 1 and len(trained) == 1
+        (model_file,) = (tmp_path / "cache" / "models").glob("*.pt")
+        raw = bytearray(model_file.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the payload
+        model_file.write_bytes(bytes(raw))
+        RecordStore(tmp_path / "run").path(cells[0].cell_id).unlink()
+        _, computed, _ = run_grid(config, tmp_path / "run", paths, "cpu")
+    assert computed == 1 and len(trained) == 2
+    assert ArtifactStore(tmp_path / "cache").load("models", cells[0].model_key) is not None
