@@ -1,6 +1,9 @@
 """Built-in defenses; importing this package registers them."""
 
-from defenses import none, shrinkpad  # noqa: F401
-from defenses import refine  # noqa: F401
-from defenses import bdmae  # noqa: F401
-from defenses import btidbf  # noqa: F401
+from defenses import (  # noqa: F401
+    bdmae,  # noqa: F401
+    btidbf,  # noqa: F401
+    none,
+    refine,  # noqa: F401
+    shrinkpad,
+)
