@@ -130,7 +130,7 @@ def run_grid(
     with RunLock(run_dir):
         remove_stale_temps(run_dir)  # debris of a killed writer; the run lock says no one else writes here
         write_config_snapshot(config, run_dir)
-        plan = build_plan(cells, records, ArtifactStore(paths.cache_dir))
+        plan = build_plan(cells, records, ArtifactStore(paths.cache_dir), config)
         book = JobBook(run_dir, uuid.uuid4().hex[:12])
         outcome = None
         if plan.jobs:

@@ -115,6 +115,9 @@ def execute_job(runner: Any, job: Job) -> dict[str, Any] | None:
     if job.kind == "cell":
         return runner.run(cell)
     data = runner.cell_data(cell)
+    if job.kind == "clean":
+        runner.clean_model(cell, data)
+        return None
     attack = runner.fitted_attack(cell, data)
     model, _ = runner.backdoored_model(cell, data, attack)
     if job.kind == "defense":

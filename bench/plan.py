@@ -8,13 +8,15 @@ has one job per *distinct* artifact:
 
     model-<model_key>  ->  defense-<defense_key>  ->  cell-<cell_id>
 
+Clean-label attacks (``Attack.clean_label``) craft their poison with a clean model
+(``FitContext.train_clean_model``): that model is the grid's ``clean`` row model
+(:func:`bench.grid.clean_model_key`), so their model job waits for a ``model-<clean key>`` job
+that trains it, once for every attack setting and for the ``clean`` row itself.
+
 A job whose output already exists (a record in the run directory, an artifact in the cache) is
 not planned at all, which is what makes a re-run of the same command continue with the
 unfinished work only. Jobs are kept in grid order; executors start the earliest ready job, so
 the cells of one model finish before the next model is trained (early results, warm memos).
-
-A clean model, for the attacks that need one, is trained inside the model job that asks for it
-(``FitContext.train_clean_model``) under its own artifact lock, so it too is computed once.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.grid import Cell
+from bench.config import GridConfig
+from bench.grid import Cell, clean_model_key
+from bench.registry import ATTACKS
 from bench.store import ArtifactStore, RecordStore
 
-JOB_KINDS = ("model", "defense", "cell")
+JOB_KINDS = ("clean", "model", "defense", "cell")
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Job:
     """One unit of work: produce one artifact or one record, after the jobs in ``deps``."""
 
     job_id: str
-    kind: str  # "model" | "defense" | "cell"
+    kind: str  # "clean" | "model" | "defense" | "cell"
     cell: Cell  # the first cell (in grid order) that needs this job: enough to compute it
     deps: tuple[str, ...] = ()
 
@@ -42,6 +46,8 @@ class Job:
     def label(self) -> str:
         """A short human description for progress bars and ``status``."""
         cell = self.cell
+        if self.kind == "clean":
+            return f"train clean {cell.model.name} seed {cell.seed}"
         if self.kind == "model":
             return f"train {cell.model.name} [{cell.attack_label}] seed {cell.seed}"
         if self.kind == "defense":
@@ -103,7 +109,13 @@ class Plan:
         }  # fmt: skip
 
 
-def build_plan(cells: list[Cell], records: RecordStore, artifacts: ArtifactStore) -> Plan:
+def _planned(plan: Plan, artifacts: ArtifactStore, kind: str, key: str) -> bool:
+    """Whether an artifact still has to be made: planned already, or missing from the cache."""
+    prefix = "model" if kind == "models" else "defense"
+    return f"{prefix}-{key}" in plan.jobs or not artifacts.exists(kind, key)
+
+
+def build_plan(cells: list[Cell], records: RecordStore, artifacts: ArtifactStore, config: GridConfig) -> Plan:
     """Plan the jobs that remain: skip finished cells and artifacts already in the cache."""
     plan = Plan(cells)
     for cell in cells:
@@ -111,15 +123,20 @@ def build_plan(cells: list[Cell], records: RecordStore, artifacts: ArtifactStore
             plan.done_cells.add(cell.cell_id)
             continue
         deps: list[str] = []
-        model_job = f"model-{cell.model_key}"
-        if model_job in plan.jobs or not artifacts.exists("models", cell.model_key):
-            plan.jobs.setdefault(model_job, Job(model_job, "model", cell))
+        if _planned(plan, artifacts, "models", cell.model_key):
+            model_deps: tuple[str, ...] = ()
+            if getattr(ATTACKS.get(cell.attack.name), "clean_label", False):
+                clean_key = clean_model_key(config, cell.dataset, cell.model, cell.seed)
+                if _planned(plan, artifacts, "models", clean_key):
+                    plan.jobs.setdefault(f"model-{clean_key}", Job(f"model-{clean_key}", "clean", cell))
+                    model_deps = (f"model-{clean_key}",)
+            model_job = f"model-{cell.model_key}"
+            plan.jobs.setdefault(model_job, Job(model_job, "model", cell, model_deps))
             deps.append(model_job)
-        if cell.defense_key is not None:
+        if cell.defense_key is not None and _planned(plan, artifacts, "defenses", cell.defense_key):
             defense_job = f"defense-{cell.defense_key}"
-            if defense_job in plan.jobs or not artifacts.exists("defenses", cell.defense_key):
-                plan.jobs.setdefault(defense_job, Job(defense_job, "defense", cell, tuple(deps)))
-                deps = [defense_job]  # the defense job already waits for the model
+            plan.jobs.setdefault(defense_job, Job(defense_job, "defense", cell, tuple(deps)))
+            deps = [defense_job]  # the defense job already waits for the model
         cell_job = f"cell-{cell.cell_id}"
         plan.jobs[cell_job] = Job(cell_job, "cell", cell, tuple(deps))
     return plan

@@ -16,7 +16,7 @@ from bench.config import GridConfig
 from bench.data import DataPaths
 from bench.execute import run_grid
 from bench.executors import JobResult
-from bench.grid import compile_grid
+from bench.grid import clean_model_key, compile_grid
 from bench.plan import Job, build_plan
 from bench.registry import DEFENSES
 from bench.runner import CellRunner
@@ -58,8 +58,9 @@ def _config(**changes: Any) -> GridConfig:
 
 
 def test_plan_has_one_job_per_distinct_artifact(tmp_path, shared_fit):
-    cells = compile_grid(_config())
-    plan = build_plan(cells, RecordStore(tmp_path / "run"), ArtifactStore(tmp_path / "cache"))
+    config = _config()
+    cells = compile_grid(config)
+    plan = build_plan(cells, RecordStore(tmp_path / "run"), ArtifactStore(tmp_path / "cache"), config)
     kinds = [job.kind for job in plan]
     assert len(cells) == 2 * 2 * 6
     assert kinds.count("model") == 4  # attacks x seeds
@@ -79,13 +80,37 @@ def test_plan_has_one_job_per_distinct_artifact(tmp_path, shared_fit):
     assert all(plan.jobs[j].cell.model_key == first.model_key for j in doomed)
 
 
+@pytest.mark.parametrize("clean_row_first", [True, False])
+def test_clean_label_attacks_wait_for_one_shared_clean_model(tmp_path, clean_row_first):
+    attacks = [{"name": "label_consistent", "eps": 0.01}, {"name": "label_consistent", "eps": 0.03}]
+    attacks = ["clean", *attacks] if clean_row_first else [*attacks, "clean"]
+    config = _config(attacks=attacks, defenses=["none"], seeds=[0])
+    cells = compile_grid(config)
+    plan = build_plan(cells, RecordStore(tmp_path / "run"), ArtifactStore(tmp_path / "cache"), config)
+    clean_key = clean_model_key(config, cells[0].dataset, cells[0].model, 0)
+    models = [job for job in plan if job.job_id.startswith("model-")]
+    assert len(models) == 3  # the clean model once, one model per label-consistent setting
+    clean = plan.jobs[f"model-{clean_key}"]
+    assert clean.kind == ("model" if clean_row_first else "clean") and clean.deps == ()
+    for job in models:
+        if job is not clean:
+            assert job.cell.attack.name == "label_consistent" and job.deps == (clean.job_id,)
+    ids = list(plan.jobs)
+    assert all(ids.index(clean.job_id) < ids.index(job.job_id) for job in models if job is not clean)
+    # Once the clean model is cached, nothing waits for it.
+    ArtifactStore(tmp_path / "cache").save("models", clean_key, {"w": torch.zeros(1)})
+    plan = build_plan(cells, RecordStore(tmp_path / "run"), ArtifactStore(tmp_path / "cache"), config)
+    assert f"model-{clean_key}" not in plan.jobs and all(job.deps == () for job in plan if job.kind == "model")
+
+
 def test_plan_skips_finished_records_and_cached_artifacts(tmp_path, shared_fit):
-    cells = compile_grid(_config())
+    config = _config()
+    cells = compile_grid(config)
     artifacts, records = ArtifactStore(tmp_path / "cache"), RecordStore(tmp_path / "run")
     cached = cells[0]
     artifacts.save("models", cached.model_key, {"w": torch.zeros(1)})
     records.write({"cell_id": cells[1].cell_id})
-    plan = build_plan(cells, records, artifacts)
+    plan = build_plan(cells, records, artifacts, config)
     assert plan.done_cells == {cells[1].cell_id}
     assert f"model-{cached.model_key}" not in plan.jobs
     assert plan.jobs[f"cell-{cached.cell_id}"].deps == ()
@@ -122,10 +147,11 @@ class ScriptedExecutor:
 
 
 def test_a_failed_job_skips_its_dependents_and_nothing_else(tmp_path, shared_fit):
-    cells = compile_grid(_config())
+    config = _config()
+    cells = compile_grid(config)
     run_dir = tmp_path / "run"
     records = RecordStore(run_dir)
-    plan = build_plan(cells, records, ArtifactStore(tmp_path / "cache"))
+    plan = build_plan(cells, records, ArtifactStore(tmp_path / "cache"), config)
     broken = next(job for job in plan if job.kind == "defense")
     executor = ScriptedExecutor({broken.job_id})
     book = JobBook(run_dir, "test")
