@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: results/<config name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate the config, list its cells and the work that remains; run nothing")
     run.add_argument("--no-tsne", action="store_true",
                      help="skip the t-SNE figure at the end (it re-embeds test images through every panel's model)")
     run.add_argument("--workers", type=int, default=None, metavar="N",
@@ -105,6 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("results") / (config.name or Path(args.config).stem)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path("results") / "cache"
+    if args.dry_run:
+        from bench.dryrun import describe_plan
+
+        print(describe_plan(config, run_dir, cache_dir))
+        return 0
     paths = DataPaths.resolve(args.data_root, cache_dir)
     start = time.perf_counter()
     cells, computed, markdown = run_grid(config, run_dir, paths, args.device, tsne=not args.no_tsne,

@@ -100,7 +100,7 @@ def write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path
     tmp.replace(path)
 
 
-RECIPE_CONFIGS = {"paper": REPO / "configs" / "paper_cifar10.yaml", "fast": REPO / "configs" / "fast_cifar_resnet18.yaml"}
+RECIPE_CONFIGS = {"paper": REPO / "configs" / "cifar10_paper.yaml", "fast": REPO / "configs" / "fast_cifar_resnet18.yaml"}
 
 
 def recipe_settings(name_or_path: str) -> tuple[TrainRecipe, float, int]:

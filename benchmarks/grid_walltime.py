@@ -11,7 +11,7 @@ number of trainings and defense fits the grid needs, times the seconds per epoch
 Defenses without a measured rate are listed, not guessed. The result is an estimate, and says so.
 
     python benchmarks/grid_walltime.py measure [CONFIG] [--csv FILE]
-    python benchmarks/grid_walltime.py estimate configs/paper_cifar10.yaml --training-csv T.csv --refine-csv R.csv
+    python benchmarks/grid_walltime.py estimate configs/cifar10_paper.yaml --training-csv T.csv --refine-csv R.csv
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="passed to run_bench.py (default: the config's)")
     m.add_argument("--csv", type=Path, help="also write the row to this CSV file")
     e = sub.add_parser("estimate", help="estimate a grid's wall time from the throughput benchmarks' CSVs")
-    e.add_argument("config", help="grid YAML, e.g. configs/paper_cifar10.yaml")
+    e.add_argument("config", help="grid YAML, e.g. configs/cifar10_paper.yaml")
     e.add_argument("--training-csv", type=Path, required=True, help="written by benchmarks/training.py --csv")
     e.add_argument("--refine-csv", type=Path, help="written by benchmarks/refine_fit.py --csv")
     e.add_argument("--csv", type=Path, help="also write the estimate to this CSV file")

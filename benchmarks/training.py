@@ -9,7 +9,7 @@ the recipe's full epoch count: an estimate, since it extrapolates from a few ste
 
     python benchmarks/training.py [--models small_cnn cifar_resnet18] [--recipes paper fast] [--csv FILE]
 
-Recipes are read from ``configs/paper_cifar10.yaml`` (paper) and ``configs/fast_cifar_resnet18.yaml``
+Recipes are read from ``configs/cifar10_paper.yaml`` (paper) and ``configs/fast_cifar_resnet18.yaml``
 (fast), or from any grid YAML given as a path.
 """
 

@@ -61,6 +61,13 @@ class Defense:
     def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
         """Train the defense on the defender's clean data (trainable defenses only)."""
 
+    def fit_epochs(self) -> int | None:
+        """Epochs over the benign data that :meth:`fit` makes, for ``run --dry-run``'s work estimate.
+
+        0 for defenses that fit nothing; None when a trainable defense cannot say.
+        """
+        return None if self.trainable else 0
+
     def state(self) -> dict[str, Any]:
         """Everything ``fit`` produced, as tensors and plain values, for the artifact cache."""
         return {}

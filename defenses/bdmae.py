@@ -234,6 +234,10 @@ class BDMAE(Defense):
         except (TypeError, ValidationError, ValueError) as err:
             raise BenchError(f"bdmae: bad MAE architecture {params}: {err}") from None
 
+    def fit_epochs(self) -> int:
+        """MAE training epochs; 0 with given weights (BDMAE's real cost is at test time)."""
+        return 0 if self.mae_weights else self._recipe.epochs
+
     def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
         _, c, h, w = benign.x.shape
         if h != w:

@@ -372,6 +372,9 @@ class BTIDBF(Defense):
         g.load_state_dict(_PRETRAIN_MEMO[key])
         return g.eval()
 
+    def fit_epochs(self) -> int:
+        return self.pretrain_epochs + self.rounds * (self.mask_epochs + self.invert_epochs + self.defend_epochs)
+
     def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
         frozen = self._frozen
         assert frozen is not None, "bind() first"

@@ -216,6 +216,9 @@ class Refine(Defense):
             loss = loss + self.supcon_weight * supcon_loss(torch.stack([z, z], 1), pseudo, self.temperature)
         return loss
 
+    def fit_epochs(self) -> int:
+        return self.epochs
+
     def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
         """Train T on the benign images (their labels are never read) for ``epochs`` epochs."""
         assert self.model is not None, "bind() the defense to a model first"

@@ -158,7 +158,7 @@ def test_fast_recipe_config_is_a_short_one_cycle_run_of_the_paper_setup():
 
 
 def test_paper_grid_uses_the_paper_recipe_and_every_paper_method():
-    config = load_config(REPO / "configs" / "paper_cifar10.yaml")
+    config = load_config(REPO / "configs" / "cifar10_paper.yaml")
     assert config.train == TrainRecipe()  # the paper recipe is the default
     assert [a.name for a in config.attacks] == PAPER_ATTACKS
     assert [d.name for d in config.defenses] == PAPER_DEFENSES
@@ -191,7 +191,7 @@ def test_grid_estimate_is_trainings_times_epochs_plus_fits_plus_evaluation(tmp_p
                             "cifar_resnet18,paper,128,150,1000,40,6000,1900,cuda:0 (X)\n")  # fmt: skip
     refine_csv.write_text("defense,width,batch_size,fit_img_per_s,epoch_s,epochs,fit_est_s,device\n"
                           "refine,64,256,500,20,150,3000,cuda:0 (X)\n")  # fmt: skip
-    argv = ["estimate", str(REPO / "configs" / "paper_cifar10.yaml"), "--training-csv", str(training_csv),
+    argv = ["estimate", str(REPO / "configs" / "cifar10_paper.yaml"), "--training-csv", str(training_csv),
             "--refine-csv", str(refine_csv), "--csv", str(out)]  # fmt: skip
     assert grid_walltime.main(argv) == 0
     with open(out, newline="") as fh:
