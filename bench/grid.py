@@ -78,6 +78,14 @@ def expand_defenses(specs: list[PluginSpec]) -> list[PluginSpec]:
     return out
 
 
+def _training_data(dataset: PluginSpec) -> dict[str, Any]:
+    """The dataset entry as far as training sees it: ``test_subset`` only changes the evaluation,
+    so grids that evaluate on a test subset share their models with full-test-set grids."""
+    spec = dataset.model_dump(exclude={"label"})
+    spec["params"] = {k: v for k, v in spec["params"].items() if k != "test_subset"}
+    return spec
+
+
 def model_key(
     config: GridConfig, dataset: PluginSpec, model: PluginSpec, attack: str, attack_params: dict[str, Any], seed: int
 ) -> str:
@@ -87,7 +95,7 @@ def model_key(
         "poison": config.poison.model_dump(),
         "train": config.resolved()["train"],
         "holdout": config.holdout,
-        "dataset": dataset.model_dump(exclude={"label"}),
+        "dataset": _training_data(dataset),
         "model": model.model_dump(exclude={"label"}),
         "attack": {"name": attack, **attack_params},
         "seed": seed,
@@ -121,6 +129,8 @@ def compile_grid(config: GridConfig) -> list[Cell]:
             for ai, (attack, attack_params) in enumerate(attacks):
                 for si, seed in enumerate(config.seeds):
                     key = model_key(config, dataset, model, attack.name, attack_params, seed)
+                    test_subset = dataset.params.get("test_subset")
+                    evaluation = {"eval_test_subset": test_subset} if test_subset else {}
                     for fi, (spec, defense) in enumerate(defenses):
                         params = defense.describe()
                         fit_params = dict(params)
@@ -132,7 +142,7 @@ def compile_grid(config: GridConfig) -> list[Cell]:
                             else None
                         )
                         cells.append(Cell(
-                            cell_id=stable_hash({"model": key, "defense": spec.name, **params}),
+                            cell_id=stable_hash({"model": key, "defense": spec.name, **params, **evaluation}),
                             dataset=dataset, model=model, attack=attack, defense=spec, seed=seed,
                             model_key=key, defense_key=defense_key,
                             attack_params=attack_params, defense_params=params,

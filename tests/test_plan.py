@@ -224,3 +224,12 @@ def test_a_corrupted_artifact_is_retrained_on_resume(tmp_path, monkeypatch):
         _, computed, _ = run_grid(config, tmp_path / "run", paths, "cpu")
     assert computed == 1 and len(trained) == 2
     assert ArtifactStore(tmp_path / "cache").load("models", cells[0].model_key) is not None
+
+
+def test_a_test_subset_shares_the_model_but_not_the_cell(shared_fit):
+    full = compile_grid(_config(datasets=["mnist5k"]))
+    subset = compile_grid(_config(datasets=[{"name": "mnist5k", "test_subset": 500}]))
+    train_subset = compile_grid(_config(datasets=[{"name": "mnist5k", "train_subset": 2000}]))
+    assert [c.model_key for c in full] == [c.model_key for c in subset]
+    assert not {c.cell_id for c in full} & {c.cell_id for c in subset}
+    assert not {c.model_key for c in full} & {c.model_key for c in train_subset}
