@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from bench.cli import main
+from bench.config import load_config
+from bench.grid import compile_grid
 from bench.registry import DEFENSES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,3 +76,9 @@ def test_fit_epochs_count_every_training_phase():
     assert btidbf.fit_epochs() == 10 + 2 * (3 + 8 + 5)
     assert DEFENSES.get("shrinkpad")().fit_epochs() == 0
     assert DEFENSES.get("bdmae")(mae_train={"epochs": 4}).fit_epochs() == 4
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    cells = compile_grid(load_config(path))
+    assert cells and len({c.cell_id for c in cells}) == len(cells)
