@@ -146,6 +146,12 @@ def run_grid(
             book.begin(plan, backend=backend, workers=0)
             book.end("finished")
     ids = {c.cell_id for c in cells}
+    computed = outcome.records_written if outcome else 0
     markdown = write_tables(run_dir, ids)
+    # t-SNE re-embeds test images through every panel's model: redraw it only when cells changed,
+    # so that re-running a finished grid stays a matter of seconds.
+    from bench.plots import FIGURE_DIR
+
+    tsne = tsne and (computed > 0 or not any((run_dir / FIGURE_DIR).glob("tsne-*.png")))
     make_figures(run_dir, paths, dev, only=ids, tsne=tsne, strict=False)
-    return cells, outcome.records_written if outcome else 0, markdown
+    return cells, computed, markdown

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import bench.runner
+import bench.tsne
 from bench.cli import main
 from bench.config import load_config
 from bench.data import DataPaths
@@ -60,11 +61,21 @@ def test_rerun_skips_cells_and_new_intensity_reuses_the_model(tmp_path, monkeypa
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
-def test_default_grid_meets_the_bar(tmp_path, capsys):
+def test_default_grid_meets_the_bar(tmp_path, capsys, monkeypatch):
     """`run_bench.py` with configs/quick.yaml: no-defense BA and ASR >= 95% for both attacks."""
-    code = main(["run", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
+    argv = ["run", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    code = main(argv)
     assert code == 0
     assert "### mnist5k / small_cnn" in capsys.readouterr().out
+    assert list((tmp_path / "run" / "figures").glob("tsne-*.png"))
+
+    def no_redraw(*args, **kwargs):
+        raise AssertionError("a finished grid redrew its t-SNE figure")
+
+    monkeypatch.setattr(bench.tsne, "write_tsne_figures", no_redraw)
+    assert main(argv) == 0  # the rerun only rebuilds tables and the report
+    captured = capsys.readouterr()
+    assert "(0 computed, 4 already done)" in captured.out and "warning" not in captured.err
     frame = pd.read_csv(tmp_path / "run" / "cells.csv")
     none = frame[frame["defense"] == "none"].set_index("attack")
     assert set(none.index) == {"badnets", "blended"}
