@@ -33,6 +33,7 @@ keep ``f``'s prediction) and ``supcon_weight: 0`` (no contrastive term).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -258,6 +259,23 @@ class Refine(Defense):
         bar.close()
         self._fit_loss = float((running / steps).item())  # last epoch's mean loss, for diagnostics
         self._unet.eval()
+        self._warn_if_saturated(images[: min(n, 256)])
+
+    @torch.no_grad()
+    def _warn_if_saturated(self, sample: Tensor) -> None:
+        """Say so when the U-Net's raw output sits outside [0, 1] almost everywhere.
+
+        The clamp then passes no gradient and the defended model sees a constant image: a fit
+        that died (seen with SGD at the paper's lr on small models) rather than a defense that
+        works. The run goes on -- its metrics show the damage -- but the cause is named.
+        """
+        assert self._unet is not None
+        raw = self._unet(to_float(sample))
+        live = float(((raw > 0) & (raw < 1)).float().mean())
+        if live < 0.01:
+            print(f"warning: refine: {100 * live:.1f}% of the U-Net's output pixels lie inside [0, 1] after "
+                  "fitting, so the clamp passes no gradient and the transformed images are constant; "
+                  "try a lower lr or optimizer: adam", file=sys.stderr)  # fmt: skip
 
     # ------------------------------------------------------------------ cached state
     def state(self) -> dict[str, Any]:

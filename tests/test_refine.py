@@ -167,3 +167,23 @@ def test_public_code_variants_train_too(digit_model, digits: ImageSet) -> None:
     assert torch.isfinite(torch.tensor(defense._fit_loss))
     initial = defense._build_unet(1).state_dict()
     assert any(not torch.equal(v, initial[k]) for k, v in defense.state()["unet"].items())
+
+
+class _Constant(torch.nn.Module):
+    """Stands in for a U-Net whose output left [0, 1] (or, with value 0.5, one that did not)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, self.value)
+
+
+@pytest.mark.parametrize("value,warns", [(-3.0, True), (4.0, True), (0.5, False)])
+def test_a_fit_whose_output_left_the_pixel_range_is_named(value: float, warns: bool, capsys) -> None:
+    defense = Refine(width=4, epochs=1)
+    defense._unet = _Constant(value)
+    defense._warn_if_saturated(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+    err = capsys.readouterr().err
+    assert ("0.0% of the U-Net's output pixels lie inside [0, 1]" in err) is warns
