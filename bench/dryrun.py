@@ -10,6 +10,7 @@ Nothing is trained, no dataset is loaded and no run directory is created.
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def nominal_sizes(spec: PluginSpec) -> tuple[int, int] | None:
     train = min(sizes[0], params.get("train_subset") or sizes[0])
     test = min(sizes[1], params.get("test_subset") or sizes[1])
     return train, test
+
+
+def fresh_plan(config: GridConfig) -> Plan:
+    """Every job the grid needs when nothing is done or cached yet (for whole-grid estimates)."""
+    with tempfile.TemporaryDirectory() as empty:
+        return build_plan(compile_grid(config), RecordStore(Path(empty)), ArtifactStore(Path(empty)), config)
 
 
 def _count(n: float | None) -> str:

@@ -23,16 +23,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.config import PluginSpec, read_yaml
+from bench.config import load_config
+from bench.dryrun import fresh_plan
 from bench.errors import BenchError
-from bench.registry import ATTACKS, DEFENSES
-from bench.train import TrainRecipe
+from bench.registry import DEFENSES
 from benchmarks.common import REPO, report, script_main
 
 MEASURE_COLUMNS = ["config", "cells", "wall_s", "model_s", "defense_s", "eval_s", "device"]
@@ -113,55 +114,38 @@ def read_rows(path: Path | None) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def grid_counts(raw: dict[str, Any]) -> dict[str, int]:
-    """Trainings and fits a grid needs: one backdoored model per (dataset, model, attack, seed),
-    plus one clean model per (dataset, model, seed) when a clean-label attack needs it."""
-    n = {key: len(raw.get(key) or []) for key in ("datasets", "models", "attacks", "defenses")}
-    n["seeds"] = len(raw.get("seeds") or [0])
-    attacks = [PluginSpec.model_validate(a).name for a in raw.get("attacks") or []]
-    clean_label = any(getattr(ATTACKS.get(a), "clean_label", False) for a in attacks if a in ATTACKS)
-    bases = n["datasets"] * n["models"] * n["seeds"]
-    return {"backdoored": bases * n["attacks"], "clean": bases if clean_label else 0,
-            "cells": bases * n["attacks"] * n["defenses"]}  # fmt: skip
-
-
 def estimate(args: argparse.Namespace) -> None:
-    raw = read_yaml(Path(args.config))
-    recipe = TrainRecipe(**(raw.get("train") or {}))
-    counts = grid_counts(raw)
+    config = load_config(Path(args.config))
+    recipe = config.train
+    # The jobs a fresh run would plan: the same counting as `run_bench.py run --dry-run`.
+    jobs = list(fresh_plan(config))
+    trainings = sum(j.kind in ("model", "clean") for j in jobs)
+    cells = sum(j.kind == "cell" for j in jobs)
+    fits = [j.cell.defense for j in jobs if j.kind == "defense"]
     training = read_rows(args.training_csv)
     refine = read_rows(args.refine_csv)
     rows: list[dict[str, Any]] = []
     device = {r["device"] for r in training + refine}
-    for model in [PluginSpec.model_validate(m).name for m in raw.get("models") or []]:
+    for model in [spec.name for spec in config.models]:
         match = [r for r in training if r["model"] == model and int(r["batch_size"]) == recipe.batch_size]
         if not match:
             raise BenchError(f"{args.training_csv} has no row for model {model!r} at batch size {recipe.batch_size}")
         epoch_s, eval_rate = float(match[0]["epoch_s"]), float(match[0]["eval_img_per_s"])
-        trainings = counts["backdoored"] + counts["clean"]
         rows.append({"component": f"train {model} ({recipe.epochs} epochs)", "count": trainings,
                      "unit_s": epoch_s * recipe.epochs, "total_s": trainings * epoch_s * recipe.epochs,
                      "source": "training.csv: epoch_s x epochs"})  # fmt: skip
-        rows.append({"component": f"evaluate {model}, undefended", "count": counts["cells"],
-                     "unit_s": CIFAR10_EVAL / eval_rate, "total_s": counts["cells"] * CIFAR10_EVAL / eval_rate,
+        rows.append({"component": f"evaluate {model}, undefended", "count": cells,
+                     "unit_s": CIFAR10_EVAL / eval_rate, "total_s": cells * CIFAR10_EVAL / eval_rate,
                      "source": "training.csv: eval_img_per_s (defended prediction costs more)"})  # fmt: skip
-    unmeasured = []
-    for spec in [PluginSpec.model_validate(d) for d in raw.get("defenses") or []]:
-        if spec.name not in DEFENSES:
-            unmeasured.append(f"{spec.name} (not registered here)")
-            continue
-        if not DEFENSES.get(spec.name).trainable:
-            continue
-        if spec.name != "refine" or not refine:
-            unmeasured.append(spec.name)
-            continue
-        width = int(spec.params.get("width", DEFENSES.get("refine")().width))
+    unmeasured = sorted({spec.name for spec in fits if spec.name != "refine" or not refine})
+    default_width = DEFENSES.get("refine")().width
+    refine_widths = Counter(int(s.params.get("width", default_width)) for s in fits if s.name == "refine" and refine)
+    for width, count in sorted(refine_widths.items()):
         match = [r for r in refine if int(r["width"]) == width]
         if not match:
             raise BenchError(f"{args.refine_csv} has no row for REFINE width {width}")
         fit_s = float(match[0]["fit_est_s"])
-        fits = counts["backdoored"]
-        rows.append({"component": f"fit refine c={width}", "count": fits, "unit_s": fit_s, "total_s": fits * fit_s,
+        rows.append({"component": f"fit refine c={width}", "count": count, "unit_s": fit_s, "total_s": count * fit_s,
                      "source": "refine.csv: epoch_s x epochs"})  # fmt: skip
     total = sum(r["total_s"] for r in rows)
     rows.append({"component": "total (estimate)", "count": "", "unit_s": "", "total_s": total,
