@@ -22,6 +22,7 @@ from attacks.patterns import seeded_uniform
 from bench.data import ImageSet
 from bench.device import to_float, to_uint8
 from bench.errors import BenchError
+from bench.params import require_between, require_count
 from bench.registry import ATTACKS
 
 
@@ -42,14 +43,11 @@ class AdaptivePatch(Attack):
         super().__init__(**params)
         if not alphas or not all(0 < a <= 1 for a in alphas):
             raise BenchError(f"adaptive_patch: alphas must be a non-empty list of values in (0, 1], got {alphas}")
-        if poison_rate is not None and not 0 < poison_rate < 1:
-            raise BenchError(f"adaptive_patch: poison_rate must be in (0, 1) or null (the grid's rate), got {poison_rate}")
-        if not 0 <= cover_rate < 1:
-            raise BenchError(f"adaptive_patch: cover_rate must be in [0, 1), got {cover_rate}")
-        if not 0 < test_alpha <= 1:
-            raise BenchError(f"adaptive_patch: test_alpha must be in (0, 1], got {test_alpha}")
-        if size is not None and size < 1:
-            raise BenchError(f"adaptive_patch: size must be >= 1, got {size}")
+        require_between(self.name, "poison_rate", poison_rate, 0, 1, "()", or_null="the grid's rate")
+        require_between(self.name, "cover_rate", cover_rate, 0, 1, "[)")
+        require_between(self.name, "test_alpha", test_alpha, 0, 1, "(]")
+        if size is not None:
+            require_count(self.name, "size", size)
         self.alphas = [float(a) for a in alphas]
         self.poison_rate = poison_rate
         self.cover_rate = cover_rate

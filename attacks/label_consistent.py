@@ -26,6 +26,7 @@ from attacks.base import Attack, FitContext, PoisonedSet
 from bench.data import ImageSet
 from bench.device import to_float, to_uint8
 from bench.errors import BenchError
+from bench.params import require, require_between, require_count
 from bench.registry import ATTACKS
 
 
@@ -75,14 +76,10 @@ class LabelConsistent(Attack):
         **params: Any,
     ) -> None:
         super().__init__(**params)
-        if eps < 0 or step <= 0 or steps < 0:
-            raise BenchError("label_consistent: eps must be >= 0, step > 0 and steps >= 0")
-        if not 0 < amplitude <= 1:
-            raise BenchError(f"label_consistent: amplitude must be in (0, 1], got {amplitude}")
-        if size < 1:
-            raise BenchError(f"label_consistent: size must be >= 1, got {size}")
-        if poison_rate is not None and not 0 < poison_rate < 1:
-            raise BenchError(f"label_consistent: poison_rate must be in (0, 1) or null (the grid's rate), got {poison_rate}")
+        require(eps >= 0 and step > 0 and steps >= 0, self.name, "eps must be >= 0, step > 0 and steps >= 0")
+        require_between(self.name, "amplitude", amplitude, 0, 1, "(]")
+        require_count(self.name, "size", size)
+        require_between(self.name, "poison_rate", poison_rate, 0, 1, "()", or_null="the grid's rate")
         self.eps = eps
         self.step = step
         self.steps = steps

@@ -19,6 +19,7 @@ from attacks.badnets import BadNets
 from attacks.transforms import random_affine, random_brightness
 from bench.augment import random_flip
 from bench.errors import BenchError
+from bench.params import require_between
 from bench.registry import ATTACKS
 
 
@@ -41,8 +42,7 @@ class PhysicalBA(BadNets):
             raise BenchError("physical_ba: brightness and degrees must be >= 0 and translate in [0, 1)")
         if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
             raise BenchError(f"physical_ba: scale must be [low, high] with 0 < low <= high, got {scale}")
-        if not 0 <= p <= 1:
-            raise BenchError(f"physical_ba: p (share of transformed training images) must be in [0, 1], got {p}")
+        require_between(self.name, "p (share of transformed training images)", p, 0, 1)
         self.flip = flip
         self.brightness = brightness
         self.degrees = degrees

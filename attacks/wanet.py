@@ -21,6 +21,7 @@ from attacks.base import Attack, FitContext, PoisonedSet
 from bench.data import ImageSet
 from bench.device import to_float, to_uint8
 from bench.errors import BenchError
+from bench.params import require_between
 from bench.registry import ATTACKS
 
 
@@ -37,8 +38,7 @@ class WaNet(Attack):
             raise BenchError(f"wanet: s (warping strength) must be >= 0, got {s}")
         if cross_ratio < 0:
             raise BenchError(f"wanet: cross_ratio must be >= 0, got {cross_ratio}")
-        if not 0 < grid_rescale <= 1:
-            raise BenchError(f"wanet: grid_rescale must be in (0, 1], got {grid_rescale}")
+        require_between(self.name, "grid_rescale", grid_rescale, 0, 1, "(]")
         self.k = k
         self.s = s
         self.cross_ratio = cross_ratio

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from bench.data import ImageSet
 from bench.errors import BenchError
 from bench.mae import MAEConfig, MAERecipe, MaskedAutoencoder, load_mae_weights, random_token_masks, train_mae
+from bench.params import require_between, require_count
 from bench.registry import DEFENSES
 from bench.seeding import generator
 from bench.ssim import ssim_map
@@ -185,19 +186,13 @@ class BDMAE(Defense):
         **params: Any,
     ) -> None:
         super().__init__(**params)
-        if not 0 <= max_restore <= 1:
-            raise BenchError(f"bdmae: max_restore must be in [0, 1], got {max_restore}")
-        if not 0 < mask_ratio < 1:
-            raise BenchError(f"bdmae: mask_ratio must be in (0, 1), got {mask_ratio}")
+        require_between(self.name, "max_restore", max_restore, 0, 1)
+        require_between(self.name, "mask_ratio", mask_ratio, 0, 1, "()")
         for name, value in (("init_rounds", init_rounds), ("init_masks", init_masks), ("num_thresholds", num_thresholds)):
-            if not isinstance(value, int) or value < 1:
-                raise BenchError(f"bdmae: {name} must be a positive integer, got {value!r}")
-        if not isinstance(refine_rounds, int) or refine_rounds < 0:
-            raise BenchError(f"bdmae: refine_rounds must be a non-negative integer, got {refine_rounds!r}")
-        if not 0 <= alpha <= 1:
-            raise BenchError(f"bdmae: alpha must be in [0, 1], got {alpha}")
-        if benign_fraction is not None and not 0 < benign_fraction < 1:
-            raise BenchError(f"bdmae: benign_fraction must be in (0, 1), got {benign_fraction}")
+            require_count(self.name, name, value)
+        require_count(self.name, "refine_rounds", refine_rounds, minimum=0)
+        require_between(self.name, "alpha", alpha, 0, 1)
+        require_between(self.name, "benign_fraction", benign_fraction, 0, 1, "()", or_null="the whole holdout")
         self.max_restore = max_restore
         self.mask_ratio = mask_ratio
         self.init_rounds = init_rounds

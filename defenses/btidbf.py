@@ -52,6 +52,7 @@ from bench import augment
 from bench.data import ImageSet
 from bench.device import to_float
 from bench.errors import BenchError
+from bench.params import require, require_between, require_count
 from bench.registry import DEFENSES
 from bench.seeding import generator
 from bench.unet import UNet
@@ -175,22 +176,16 @@ class BTIDBF(Defense):
         mode = mode or "unlearn"
         if mode not in MODES:
             raise BenchError(f"{self.name}: mode must be one of {MODES}, got {mode!r}")
-        if not 0 < benign_fraction < 1:
-            raise BenchError(f"{self.name}: benign_fraction must be in (0, 1), got {benign_fraction}")
-        counts = {"generator_base": generator_base, "generator_depth": generator_depth, "batch_size": batch_size,
-                  "rounds": rounds}  # fmt: skip
-        for name, value in counts.items():
-            if not isinstance(value, int) or value < 1:
-                raise BenchError(f"{self.name}: {name} must be a positive integer, got {value!r}")
-        epochs = {"pretrain_epochs": pretrain_epochs, "mask_epochs": mask_epochs, "invert_epochs": invert_epochs,
-                  "defend_epochs": defend_epochs}  # fmt: skip
-        for name, value in epochs.items():
-            if not isinstance(value, int) or value < 0:
-                raise BenchError(f"{self.name}: {name} must be a non-negative integer, got {value!r}")
-        if generator_norm not in ("instance", "batch", "none"):
-            raise BenchError(f"{self.name}: generator_norm must be instance, batch or none, got {generator_norm!r}")
-        if not 0 < poison_share <= 1:
-            raise BenchError(f"{self.name}: poison_share must be in (0, 1], got {poison_share}")
+        require_between(self.name, "benign_fraction", benign_fraction, 0, 1, "()")
+        for name, value in {"generator_base": generator_base, "generator_depth": generator_depth,
+                            "batch_size": batch_size, "rounds": rounds}.items():  # fmt: skip
+            require_count(self.name, name, value)
+        for name, value in {"pretrain_epochs": pretrain_epochs, "mask_epochs": mask_epochs,
+                            "invert_epochs": invert_epochs, "defend_epochs": defend_epochs}.items():  # fmt: skip
+            require_count(self.name, name, value, minimum=0)
+        require(generator_norm in ("instance", "batch", "none"), self.name,
+                f"generator_norm must be instance, batch or none, got {generator_norm!r}")  # fmt: skip
+        require_between(self.name, "poison_share", poison_share, 0, 1, "(]")
         self.mode = mode
         self.benign_fraction = benign_fraction
         self.use_labels = use_labels

@@ -46,6 +46,7 @@ from bench.data import ImageSet
 from bench.device import to_float
 from bench.errors import BenchError
 from bench.losses import supcon_loss
+from bench.params import require, require_between, require_count
 from bench.registry import DEFENSES
 from bench.seeding import derive_seed, generator
 from bench.train import TrainRecipe, make_scheduler
@@ -139,25 +140,24 @@ class Refine(Defense):
         self._fit_loss = float("nan")
 
     def _validate(self) -> None:
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise BenchError(f"refine: {what}")
-
-        need(isinstance(self.width, int) and self.width >= 1, f"width must be a positive integer, got {self.width!r}")
-        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1, got {self.epochs!r}")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size!r}")
-        need(self.optimizer in ("sgd", "adam"), f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(all(isinstance(m, int) and 0 < m for m in self.milestones), f"milestones must be positive epochs, got {self.milestones}")
-        need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
-        need(self.supcon_weight >= 0, f"supcon_weight must be >= 0, got {self.supcon_weight}")
-        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        need(isinstance(self.remap, bool), f"remap must be true or false, got {self.remap!r}")
-        need(self.classification_loss in ("ce", "bce"), f"classification_loss must be ce or bce, got {self.classification_loss!r}")
-        need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
-             f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")  # fmt: skip
-        need(0 <= self.grayscale <= 1, f"grayscale must be a probability, got {self.grayscale}")
-        need(0 < self.benign_fraction < 1, f"benign_fraction must be in (0, 1), got {self.benign_fraction}")
+        name = self.name
+        require_count(name, "width", self.width)
+        require_count(name, "epochs", self.epochs)
+        require_count(name, "batch_size", self.batch_size, minimum=2)
+        require(self.optimizer in ("sgd", "adam"), name, f"optimizer must be sgd or adam, got {self.optimizer!r}")
+        require(self.lr > 0, name, f"lr must be > 0, got {self.lr}")
+        require(all(isinstance(m, int) and 0 < m for m in self.milestones), name,
+                f"milestones must be positive epochs, got {self.milestones}")  # fmt: skip
+        require_between(name, "gamma", self.gamma, 0, 1, "(]")
+        require(self.supcon_weight >= 0, name, f"supcon_weight must be >= 0, got {self.supcon_weight}")
+        require(self.temperature > 0, name, f"temperature must be > 0, got {self.temperature}")
+        require(isinstance(self.remap, bool), name, f"remap must be true or false, got {self.remap!r}")
+        require(self.classification_loss in ("ce", "bce"), name,
+                f"classification_loss must be ce or bce, got {self.classification_loss!r}")  # fmt: skip
+        require(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, name,
+                f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")  # fmt: skip
+        require_between(name, "grayscale", self.grayscale, 0, 1)
+        require_between(name, "benign_fraction", self.benign_fraction, 0, 1, "()")
 
     # ------------------------------------------------------------------ modules
     def _build_unet(self, channels: int) -> UNet:
