@@ -39,6 +39,7 @@ from benchmarks.common import REPO, report, script_main
 MEASURE_COLUMNS = ["config", "cells", "wall_s", "model_s", "defense_s", "eval_s", "device"]
 ESTIMATE_COLUMNS = ["component", "count", "unit_s", "total_s", "source"]
 CIFAR10_EVAL = 10_000 + 9_000  # the clean test set and the poisoned one without target-class images
+CIFAR10_SIDE = 32  # pixels: REFINE's default U-Net width depends on the image size
 
 
 # --------------------------------------------------------------------------- measure
@@ -138,8 +139,8 @@ def estimate(args: argparse.Namespace) -> None:
                      "unit_s": CIFAR10_EVAL / eval_rate, "total_s": cells * CIFAR10_EVAL / eval_rate,
                      "source": "training.csv: eval_img_per_s (defended prediction costs more)"})  # fmt: skip
     unmeasured = sorted({spec.name for spec in fits if spec.name != "refine" or not refine})
-    default_width = DEFENSES.get("refine")().width
-    refine_widths = Counter(int(s.params.get("width", default_width)) for s in fits if s.name == "refine" and refine)
+    default_width = DEFENSES.get("refine")().unet_width(CIFAR10_SIDE)
+    refine_widths = Counter(int(s.params.get("width") or default_width) for s in fits if s.name == "refine" and refine)
     for width, count in sorted(refine_widths.items()):
         match = [r for r in refine if int(r["width"]) == width]
         if not match:

@@ -2,7 +2,8 @@
 
 The frozen, possibly backdoored model ``f`` is wrapped between two learned/fixed modules:
 
-- an **input transformation** ``T``: a U-Net (:class:`bench.unet.UNet`, widths c..8c) whose
+- an **input transformation** ``T``: a U-Net (:class:`bench.unet.UNet`, widths c..8c; by default
+  the paper's c = 64 for small images such as CIFAR's 32 px and c = 32 for 224-px ones) whose
   output is clamped to [0, 1] and fed to ``f``. Models take [0, 1] images and normalise inside
   (see :mod:`bench.models`), so ``T`` works in plain pixel space on both sides;
 - an **output mapping** ``pi``: a fixed random permutation of the K classes with no fixed point
@@ -95,7 +96,7 @@ class Refine(Defense):
 
     def __init__(
         self,
-        width: int = 64,
+        width: int | None = None,
         epochs: int = 150,
         batch_size: int = 256,
         optimizer: str = "sgd",
@@ -141,7 +142,8 @@ class Refine(Defense):
 
     def _validate(self) -> None:
         name = self.name
-        require_count(name, "width", self.width)
+        if self.width is not None:
+            require_count(name, "width", self.width)
         require_count(name, "epochs", self.epochs)
         require_count(name, "batch_size", self.batch_size, minimum=2)
         require(self.optimizer in ("sgd", "adam"), name, f"optimizer must be sgd or adam, got {self.optimizer!r}")
@@ -160,11 +162,21 @@ class Refine(Defense):
         require_between(name, "benign_fraction", self.benign_fraction, 0, 1, "()")
 
     # ------------------------------------------------------------------ modules
-    def _build_unet(self, channels: int) -> UNet:
+    def unet_width(self, image_size: int) -> int:
+        """The U-Net's base width c: ``width`` if set, else the paper's choice for this image size.
+
+        The paper uses c = 64 on 32-px CIFAR-10 and c = 32 on 224-px ImageNet, where every
+        feature map is 49x larger; images up to 64 px count as small.
+        """
+        if self.width is not None:
+            return self.width
+        return 64 if image_size <= 64 else 32
+
+    def _build_unet(self, channels: int, width: int) -> UNet:
         """A U-Net initialised from the defense seed, so a fit is reproducible end to end."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, "refine-unet"))
-            unet = UNet(channels, channels, base=self.width)
+            unet = UNet(channels, channels, base=width)
         return unet.to(self.device)
 
     def _draw_permutation(self, num_classes: int) -> Tensor:
@@ -228,7 +240,7 @@ class Refine(Defense):
         if n < 2:
             raise BenchError(f"refine: needs at least 2 benign images, got {n}")
         self._perm = self._draw_permutation(benign.num_classes)
-        self._unet = self._build_unet(images.shape[1])
+        self._unet = self._build_unet(images.shape[1], self.unet_width(max(images.shape[-2:])))
         batch = min(self.batch_size, n)
         steps = n // batch  # drop the ragged last batch, as the public code does
         recipe = TrainRecipe(epochs=self.epochs, batch_size=batch, lr=self.lr, momentum=self.momentum,
@@ -285,10 +297,12 @@ class Refine(Defense):
             "unet": {k: v.detach().cpu() for k, v in self._unet.state_dict().items()},
             "permutation": self._perm.cpu(),
             "channels": int(self._unet.stem[0].in_channels),
+            "width": int(self._unet.stem[0].out_channels),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self._unet = self._build_unet(int(state["channels"]))
+        # States cached before the width was stored were built with an explicit ``width``.
+        self._unet = self._build_unet(int(state["channels"]), int(state.get("width", self.width)))
         self._unet.load_state_dict(state["unet"])
         self._unet.eval()
         self._perm = state["permutation"].to(torch.int64).cpu()

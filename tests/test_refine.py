@@ -96,6 +96,33 @@ def test_state_round_trips_through_the_artifact_store(digit_model, digits: Image
         assert torch.equal(defense.predict(x), restored.predict(x))
 
 
+def test_the_default_width_is_the_papers_choice_for_the_image_size() -> None:
+    """c = 64 on 32-px CIFAR-10, 32 on 224-px ImageNet; an explicit width always wins."""
+    assert Refine().unet_width(32) == 64
+    assert Refine().unet_width(28) == 64
+    assert Refine().unet_width(224) == 32
+    assert Refine(width=8).unet_width(224) == 8
+
+
+def test_a_default_width_fit_stores_and_reloads_that_width(digit_model, digits: ImageSet) -> None:
+    defense = fitted(digit_model, digits.subset(torch.arange(32)), width=None)
+    assert defense.state()["width"] == 64
+    restored = Refine(width=None)
+    restored.bind(digit_model, CPU, 0)
+    restored.load_state(defense.state())
+    assert same_state(defense.state(), restored.state())
+
+
+def test_a_state_cached_without_its_width_loads_with_the_configured_one(digit_model, digits: ImageSet) -> None:
+    state = fitted(digit_model, digits).state()
+    del state["width"]
+    restored = Refine(**TINY)
+    restored.bind(digit_model, CPU, 0)
+    restored.load_state(state)
+    assert restored.state()["unet"].keys() == state["unet"].keys()
+    assert all(torch.equal(restored.state()["unet"][k], v) for k, v in state["unet"].items())
+
+
 def test_the_runner_caches_the_fitted_state(mnist: DataSplit, tmp_path: Path, monkeypatch) -> None:
     config = GridConfig.model_validate({
         "datasets": ["mnist5k"], "models": [{"name": "small_cnn", "width": 4}], "attacks": ["badnets"],
@@ -126,7 +153,7 @@ def test_fitting_learns_to_undo_the_mapping(digit_model, mnist: DataSplit) -> No
     trained = fitted(digit_model, benign, width=4, epochs=30, batch_size=32, **no_augment)
     untrained = Refine(width=4)
     untrained.bind(digit_model, CPU, 0)
-    untrained.load_state({**trained.state(), "unet": untrained._build_unet(1).state_dict()})
+    untrained.load_state({**trained.state(), "unet": untrained._build_unet(1, 4).state_dict()})
 
     def agreement(defense: Refine) -> float:
         with torch.no_grad():
@@ -165,7 +192,7 @@ def test_public_code_variants_train_too(digit_model, digits: ImageSet) -> None:
     """BCE on the remapped softmax (the public code's loss) with Adam gives a finite fit that moves T."""
     defense = fitted(digit_model, digits, classification_loss="bce", optimizer="adam", lr=1e-3)
     assert torch.isfinite(torch.tensor(defense._fit_loss))
-    initial = defense._build_unet(1).state_dict()
+    initial = defense._build_unet(1, 4).state_dict()
     assert any(not torch.equal(v, initial[k]) for k, v in defense.state()["unet"].items())
 
 
