@@ -266,7 +266,8 @@ class Refine(Defense):
                 scheduler.step()
                 running += loss.detach()
                 bar.update(1)
-                if step % 10 == 9 or step == steps - 1:
+                # Reading the loss waits for the GPU: only when someone sees the bar.
+                if not bar.disable and (step % 10 == 9 or step == steps - 1):
                     bar.set_postfix(epoch=epoch + 1, loss=f"{(running / (step + 1)).item():.4f}")
         bar.close()
         self._fit_loss = float((running / steps).item())  # last epoch's mean loss, for diagnostics
