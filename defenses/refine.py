@@ -298,12 +298,12 @@ class Refine(Defense):
             "unet": {k: v.detach().cpu() for k, v in self._unet.state_dict().items()},
             "permutation": self._perm.cpu(),
             "channels": int(self._unet.stem[0].in_channels),
-            "width": int(self._unet.stem[0].out_channels),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        # States cached before the width was stored were built with an explicit ``width``.
-        self._unet = self._build_unet(int(state["channels"]), int(state.get("width", self.width)))
+        # The weights say which width was built (it may differ from ``width`` when that is None).
+        width = int(state["unet"]["stem.0.weight"].shape[0])
+        self._unet = self._build_unet(int(state["channels"]), width)
         self._unet.load_state_dict(state["unet"])
         self._unet.eval()
         self._perm = state["permutation"].to(torch.int64).cpu()

@@ -104,23 +104,23 @@ def test_the_default_width_is_the_papers_choice_for_the_image_size() -> None:
     assert Refine(width=8).unet_width(224) == 8
 
 
-def test_a_default_width_fit_stores_and_reloads_that_width(digit_model, digits: ImageSet) -> None:
+def test_a_default_width_fit_builds_and_reloads_that_width(digit_model, digits: ImageSet) -> None:
     defense = fitted(digit_model, digits.subset(torch.arange(32)), width=None)
-    assert defense.state()["width"] == 64
+    assert defense._unet.stem[0].out_channels == 64
     restored = Refine(width=None)
     restored.bind(digit_model, CPU, 0)
     restored.load_state(defense.state())
     assert same_state(defense.state(), restored.state())
 
 
-def test_a_state_cached_without_its_width_loads_with_the_configured_one(digit_model, digits: ImageSet) -> None:
-    state = fitted(digit_model, digits).state()
-    del state["width"]
-    restored = Refine(**TINY)
+def test_a_state_loads_with_the_width_its_weights_have(digit_model, digits: ImageSet) -> None:
+    state = fitted(digit_model, digits).state()  # width 4
+    restored = Refine(width=None)  # would build 64 on these digits
     restored.bind(digit_model, CPU, 0)
     restored.load_state(state)
-    assert restored.state()["unet"].keys() == state["unet"].keys()
-    assert all(torch.equal(restored.state()["unet"][k], v) for k, v in state["unet"].items())
+    reloaded = restored.state()["unet"]
+    assert reloaded.keys() == state["unet"].keys()
+    assert all(torch.equal(reloaded[k], v) for k, v in state["unet"].items())
 
 
 def test_the_runner_caches_the_fitted_state(mnist: DataSplit, tmp_path: Path, monkeypatch) -> None:
