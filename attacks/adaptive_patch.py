@@ -19,11 +19,11 @@ from torch import Tensor
 
 from attacks.base import Attack, PoisonedSet
 from attacks.patterns import seeded_uniform
-from bench.data import ImageSet
-from bench.device import to_float, to_uint8
-from bench.errors import BenchError
-from bench.params import require_between, require_count
-from bench.registry import ATTACKS
+from bench.core.data import ImageSet
+from bench.core.device import to_float, to_uint8
+from bench.core.errors import BenchError
+from bench.core.params import require_between, require_count
+from bench.core.registry import ATTACKS
 
 
 @ATTACKS.register("adaptive_patch")

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from attacks.base import Attack
 from attacks.patterns import seeded_uniform
-from bench.errors import BenchError
-from bench.registry import ATTACKS
+from bench.core.errors import BenchError
+from bench.core.registry import ATTACKS
 
 
 @ATTACKS.register("badnets")

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from bench.data import ImageSet
-from bench.device import to_float, to_uint8
-from bench.errors import BenchError
+from bench.core.data import ImageSet
+from bench.core.device import to_float, to_uint8
+from bench.core.errors import BenchError
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from attacks.base import Attack
-from bench.registry import ATTACKS
+from bench.core.registry import ATTACKS
 
 
 @ATTACKS.register("clean")

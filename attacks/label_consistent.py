@@ -23,11 +23,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from attacks.base import Attack, FitContext, PoisonedSet
-from bench.data import ImageSet
-from bench.device import to_float, to_uint8
-from bench.errors import BenchError
-from bench.params import require, require_between, require_count
-from bench.registry import ATTACKS
+from bench.core.data import ImageSet
+from bench.core.device import to_float, to_uint8
+from bench.core.errors import BenchError
+from bench.core.params import require, require_between, require_count
+from bench.core.registry import ATTACKS
 
 
 def pgd_away_from_label(

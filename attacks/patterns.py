@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def seeded_uniform(shape: tuple[int, ...], seed: int) -> Tensor:

@@ -17,10 +17,10 @@ from torch import Tensor
 
 from attacks.badnets import BadNets
 from attacks.transforms import random_affine, random_brightness
-from bench.augment import random_flip
-from bench.errors import BenchError
-from bench.params import require_between
-from bench.registry import ATTACKS
+from bench.core.errors import BenchError
+from bench.core.params import require_between
+from bench.core.registry import ATTACKS
+from bench.nn.augment import random_flip
 
 
 @ATTACKS.register("physical_ba")

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attacks.base import Attack, FitContext, PoisonedSet
-from bench.data import ImageSet
-from bench.device import to_float, to_uint8
-from bench.errors import BenchError
-from bench.params import require_between
-from bench.registry import ATTACKS
+from bench.core.data import ImageSet
+from bench.core.device import to_float, to_uint8
+from bench.core.errors import BenchError
+from bench.core.params import require_between
+from bench.core.registry import ATTACKS
 
 
 @ATTACKS.register("wanet")

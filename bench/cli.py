@@ -1,6 +1,6 @@
 """The command line: ``run_bench.py run|table|status|plot|report|list``.
 
-User errors (:class:`bench.errors.BenchError`) print one line ``error: ...`` on stderr and exit
+User errors (:class:`bench.core.errors.BenchError`) print one line ``error: ...`` on stderr and exit
 with status 2, like argparse's own usage errors; nothing is left half-written because every
 file is written atomically.
 """
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quick.yaml"
 
@@ -99,16 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.config import load_config
-    from bench.data import DataPaths
-    from bench.execute import run_grid
-    from bench.status import cell_statuses
+    from bench.core.data import DataPaths
+    from bench.orchestration.config import load_config
+    from bench.orchestration.execute import run_grid
+    from bench.orchestration.status import cell_statuses
 
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("results") / (config.name or Path(args.config).stem)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path("results") / "cache"
     if args.dry_run:
-        from bench.dryrun import describe_plan
+        from bench.orchestration.dryrun import describe_plan
 
         print(describe_plan(config, run_dir, cache_dir))
         return 0
@@ -130,14 +130,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from bench.status import format_status
+    from bench.orchestration.status import format_status
 
     print(format_status(Path(args.run_dir)))
     return 0
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from bench.report import write_tables
+    from bench.report.tables import write_tables
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "records").is_dir():
@@ -154,24 +154,24 @@ def _run_dir(path: str) -> Path:
 
 
 def _data_paths(args: argparse.Namespace):
-    from bench.data import DataPaths
+    from bench.core.data import DataPaths
 
     return DataPaths.resolve(args.data_root, Path(args.cache_dir) if args.cache_dir else Path("results") / "cache")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from bench.report import write_report
+    from bench.report.page import write_report
 
     run_dir = _run_dir(args.run_dir)
     if args.figure == "tradeoff":
-        from bench.plots import write_tradeoff_figures
-        from bench.store import RecordStore
+        from bench.core.records import RecordStore
+        from bench.report.plots import write_tradeoff_figures
 
         pngs = write_tradeoff_figures(run_dir, RecordStore(run_dir).read_all())
         if not pngs:
             print("no trade-off figure: no defense in this run has two or more intensities")
     else:
-        from bench.tsne import write_tsne_figures
+        from bench.report.tsne import write_tsne_figures
 
         pngs = write_tsne_figures(run_dir, _data_paths(args), args.device, args.attack, args.defense,
                                   args.per_class, args.poisoned_per_class)  # fmt: skip
@@ -182,7 +182,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bench.report import make_figures, write_tables
+    from bench.report.page import make_figures
+    from bench.report.tables import write_tables
 
     run_dir = _run_dir(args.run_dir)
     write_tables(run_dir)
@@ -193,9 +194,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_show_triggers(args: argparse.Namespace) -> int:
-    from bench.config import PluginSpec, load_config
-    from bench.data import DataPaths, load_dataset
-    from bench.triggers import default_specs, trigger_examples, write_trigger_grid
+    from bench.core.data import DataPaths, load_dataset
+    from bench.orchestration.config import PluginSpec, load_config
+    from bench.report.triggers import default_specs, trigger_examples, write_trigger_grid
 
     if args.config:
         config = load_config(args.config)
@@ -211,7 +212,7 @@ def cmd_show_triggers(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, describe
+    from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, describe
 
     for title, registry in (("datasets", DATASETS), ("models", MODELS), ("attacks", ATTACKS), ("defenses", DEFENSES)):
         print(f"{title}:")

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from bench.config import GridConfig, read_yaml
-from bench.data import DataPaths, DataSplit, load_dataset
-from bench.device import resolve_device
-from bench.errors import BenchError
-from bench.train import TrainRecipe
+from bench.core.data import DataPaths, DataSplit, load_dataset
+from bench.core.device import resolve_device
+from bench.core.errors import BenchError
+from bench.nn.train import TrainRecipe
+from bench.orchestration.config import GridConfig, read_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -30,10 +30,10 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.config import load_config
-from bench.dryrun import fresh_plan
-from bench.errors import BenchError
-from bench.registry import DEFENSES
+from bench.core.errors import BenchError
+from bench.core.registry import DEFENSES
+from bench.orchestration.config import load_config
+from bench.orchestration.dryrun import fresh_plan
 from benchmarks.common import REPO, report, script_main
 
 MEASURE_COLUMNS = ["config", "cells", "wall_s", "model_s", "defense_s", "eval_s", "device"]

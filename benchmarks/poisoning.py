@@ -32,11 +32,11 @@ from PIL import Image
 from torch import Tensor
 
 from attacks.base import Attack, FitContext
-from bench.data import ImageSet
-from bench.device import to_float
-from bench.models import build_model
-from bench.registry import ATTACKS
-from bench.seeding import generator
+from bench.core.data import ImageSet
+from bench.core.device import to_float
+from bench.core.models import build_model
+from bench.core.registry import ATTACKS
+from bench.core.seeding import generator
 from benchmarks.common import (
     add_common_args,
     best_seconds,

@@ -22,9 +22,9 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 
 import torch
 
-from bench.models import build_model
-from bench.registry import DEFENSES
-from bench.seeding import generator
+from bench.core.models import build_model
+from bench.core.registry import DEFENSES
+from bench.core.seeding import generator
 from benchmarks.common import (
     add_common_args,
     best_seconds,

@@ -1,7 +1,7 @@
 """Training and evaluation throughput of the classifiers, under the paper and the fast recipes.
 
 Each (model, recipe) pair trains for ``--steps`` timed steps of the harness's own training loop
-(:func:`bench.train.train_classifier`: uint8 CIFAR-10 on the device, batched augmentation, bf16
+(:func:`bench.nn.train.train_classifier`: uint8 CIFAR-10 on the device, batched augmentation, bf16
 and channels_last on CUDA) after ``--warmup`` untimed ones, then evaluates the 10,000 test images (or ``--eval-images``)
 in the recipe config's evaluation batches. From the rate it derives the seconds per epoch over the
 attacker's training split (the training set minus the config's holdout) and the training time of
@@ -25,10 +25,10 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 
 import torch
 
-from bench.metrics import predict_labels
-from bench.models import build_model
-from bench.registry import MODELS
-from bench.train import train_classifier
+from bench.core.metrics import predict_labels
+from bench.core.models import build_model
+from bench.core.registry import MODELS
+from bench.nn.train import train_classifier
 from benchmarks.common import (
     add_common_args,
     best_seconds,

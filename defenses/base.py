@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from bench.data import ImageSet
-from bench.errors import BenchError
+from bench.core.data import ImageSet
+from bench.core.errors import BenchError
 
 
 class Defense:

@@ -24,7 +24,7 @@ image's result depend on its batch-mates). ``max_restore`` is the intensity knob
 affect the fitted state (the autoencoder), so sweeping it never retrains.
 
 The autoencoder. The paper restores with an ImageNet-pretrained MAE (ViT-B/16 at 224 px);
-``mae_weights`` loads such a file (see :mod:`bench.mae` for the format; set ``mae`` to its
+``mae_weights`` loads such a file (see :mod:`bench.nn.mae` for the format; set ``mae`` to its
 architecture, e.g. ``{img_size: 224, patch_size: 16, embed_dim: 768, depth: 12, num_heads: 12,
 decoder_embed_dim: 512, decoder_depth: 8, decoder_num_heads: 16}``; images are then resized to
 224 and back). Without one, a small MAE is trained on the defender's benign images (labels
@@ -44,13 +44,13 @@ from pydantic import ValidationError
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bench.data import ImageSet
-from bench.errors import BenchError
-from bench.mae import MAEConfig, MAERecipe, MaskedAutoencoder, load_mae_weights, random_token_masks, train_mae
-from bench.params import require_between, require_count
-from bench.registry import DEFENSES
-from bench.seeding import generator
-from bench.ssim import ssim_map
+from bench.core.data import ImageSet
+from bench.core.errors import BenchError
+from bench.core.params import require_between, require_count
+from bench.core.registry import DEFENSES
+from bench.core.seeding import generator
+from bench.nn.mae import MAEConfig, MAERecipe, MaskedAutoencoder, load_mae_weights, random_token_masks, train_mae
+from bench.nn.ssim import ssim_map
 from defenses.base import Defense
 
 # The autoencoder depends only on the benign images, the recipe and the seed -- not on the

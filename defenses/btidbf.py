@@ -48,14 +48,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bench import augment
-from bench.data import ImageSet
-from bench.device import to_float
-from bench.errors import BenchError
-from bench.params import require, require_between, require_count
-from bench.registry import DEFENSES
-from bench.seeding import generator
-from bench.unet import UNet
+from bench.core.data import ImageSet
+from bench.core.device import to_float
+from bench.core.errors import BenchError
+from bench.core.params import require, require_between, require_count
+from bench.core.registry import DEFENSES
+from bench.core.seeding import generator
+from bench.nn import augment
+from bench.nn.unet import UNet
 from defenses.base import Defense
 
 MODES = ("unlearn", "purify")

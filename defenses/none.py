@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.registry import DEFENSES
+from bench.core.registry import DEFENSES
 from defenses.base import Defense
 
 

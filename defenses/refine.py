@@ -2,10 +2,10 @@
 
 The frozen, possibly backdoored model ``f`` is wrapped between two learned/fixed modules:
 
-- an **input transformation** ``T``: a U-Net (:class:`bench.unet.UNet`, widths c..8c; by default
+- an **input transformation** ``T``: a U-Net (:class:`bench.nn.unet.UNet`, widths c..8c; by default
   the paper's c = 64 for small images such as CIFAR's 32 px and c = 32 for 224-px ones) whose
   output is clamped to [0, 1] and fed to ``f``. Models take [0, 1] images and normalise inside
-  (see :mod:`bench.models`), so ``T`` works in plain pixel space on both sides;
+  (see :mod:`bench.core.models`), so ``T`` works in plain pixel space on both sides;
 - an **output mapping** ``pi``: a fixed random permutation of the K classes with no fixed point
   (a derangement). The remapped score vector puts ``f``'s score of class ``j`` at ``pi(j)``.
 
@@ -42,16 +42,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bench import augment
-from bench.data import ImageSet
-from bench.device import to_float
-from bench.errors import BenchError
-from bench.losses import supcon_loss
-from bench.params import require, require_between, require_count
-from bench.registry import DEFENSES
-from bench.seeding import derive_seed, generator
-from bench.train import TrainRecipe, make_scheduler
-from bench.unet import UNet
+from bench.core.data import ImageSet
+from bench.core.device import to_float
+from bench.core.errors import BenchError
+from bench.core.params import require, require_between, require_count
+from bench.core.registry import DEFENSES
+from bench.core.seeding import derive_seed, generator
+from bench.nn import augment
+from bench.nn.losses import supcon_loss
+from bench.nn.train import TrainRecipe, make_scheduler
+from bench.nn.unet import UNet
 from defenses.base import Defense
 
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.augment import shift_images
-from bench.errors import BenchError
-from bench.registry import DEFENSES
-from bench.seeding import generator
+from bench.core.errors import BenchError
+from bench.core.registry import DEFENSES
+from bench.core.seeding import generator
+from bench.nn.augment import shift_images
 from defenses.base import Defense
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.data import DataPaths, DataSplit, load_dataset
+from bench.core.data import DataPaths, DataSplit, load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg"

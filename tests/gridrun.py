@@ -76,9 +76,9 @@ def reference_run(tmp_path_factory: Any) -> Path:
     It runs in this process (no start-up cost) with one thread, like the subprocesses.
     """
     if "run" not in _REFERENCE:
-        from bench.config import load_config
-        from bench.data import DataPaths
-        from bench.execute import run_grid
+        from bench.core.data import DataPaths
+        from bench.orchestration.config import load_config
+        from bench.orchestration.execute import run_grid
 
         base = tmp_path_factory.mktemp("reference")
         config = load_config(write_grid(base / "grid.yaml"))

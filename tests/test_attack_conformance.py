@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from attacks.base import Attack, FitContext, PoisonedSet
-from bench.data import DataSplit, ImageSet, stratified_split
-from bench.device import to_float, to_uint8
-from bench.models import build_model
-from bench.registry import ATTACKS
+from bench.core.data import DataSplit, ImageSet, stratified_split
+from bench.core.device import to_float, to_uint8
+from bench.core.models import build_model
+from bench.core.registry import ATTACKS
 
 NAMES = ATTACKS.names()
 RATE = 0.05

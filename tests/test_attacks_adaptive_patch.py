@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from attacks.adaptive_patch import AdaptivePatch
-from bench.data import ImageSet, stratified_split
-from bench.device import to_float
-from bench.errors import BenchError
+from bench.core.data import ImageSet, stratified_split
+from bench.core.device import to_float
+from bench.core.errors import BenchError
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-import bench.runner
+import bench.orchestration.runner
 from attacks.physical_ba import PhysicalBA
-from bench.config import load_config
-from bench.data import DataPaths
-from bench.execute import run_grid
+from bench.core.data import DataPaths
+from bench.orchestration.config import load_config
+from bench.orchestration.execute import run_grid
 
 GRID = {
     "datasets": ["mnist5k"],
@@ -34,13 +34,13 @@ def test_clean_reference_clean_label_attack_and_physical_transforms_run_in_a_gri
 
     monkeypatch.setattr(PhysicalBA, "train_augment", spy)
     trained = []
-    real_train = bench.runner.train_classifier
+    real_train = bench.orchestration.runner.train_classifier
 
     def counting_train(*args, **kwargs):
         trained.append(kwargs["desc"].split("[")[-1].rstrip("]"))
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(bench.runner, "train_classifier", counting_train)
+    monkeypatch.setattr(bench.orchestration.runner, "train_classifier", counting_train)
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(GRID))
     paths = DataPaths(tmp_path / "data", tmp_path / "cache")
@@ -60,6 +60,6 @@ def test_clean_reference_clean_label_attack_and_physical_transforms_run_in_a_gri
     def no_training(*args, **kwargs):
         raise AssertionError("a cached model was retrained")
 
-    monkeypatch.setattr(bench.runner, "train_classifier", no_training)
+    monkeypatch.setattr(bench.orchestration.runner, "train_classifier", no_training)
     _, computed, _ = run_grid(load_config(path, ["seeds=[0]"]), tmp_path / "run2", paths, "cpu")
     assert computed == 3  # new run directory, every model (and the clean one) from the cache

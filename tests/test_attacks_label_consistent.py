@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from attacks.base import FitContext
 from attacks.label_consistent import LabelConsistent, pgd_away_from_label
-from bench.data import ImageSet, stratified_split
-from bench.device import to_float
-from bench.errors import BenchError
-from bench.models import build_model
+from bench.core.data import ImageSet, stratified_split
+from bench.core.device import to_float
+from bench.core.errors import BenchError
+from bench.core.models import build_model
 
 
 def tiny_model(train: ImageSet) -> torch.nn.Module:

@@ -9,9 +9,9 @@ import yaml
 from PIL import Image
 
 from bench.cli import main
-from bench.config import PluginSpec
-from bench.registry import ATTACKS
-from bench.triggers import default_specs, trigger_examples
+from bench.core.registry import ATTACKS
+from bench.orchestration.config import PluginSpec
+from bench.report.triggers import default_specs, trigger_examples
 
 
 def test_examples_cover_every_registered_attack(mnist) -> None:

@@ -11,8 +11,8 @@ from attacks.badnets import BadNets
 from attacks.batt import BATT
 from attacks.physical_ba import PhysicalBA
 from attacks.transforms import affine_theta, random_affine, random_brightness, rotate, warp_affine
-from bench.device import to_float
-from bench.errors import BenchError
+from bench.core.device import to_float
+from bench.core.errors import BenchError
 
 
 @pytest.mark.parametrize("size", [(32, 32), (24, 40)])

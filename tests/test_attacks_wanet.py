@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from attacks.wanet import WaNet
-from bench.data import ImageSet, stratified_split
-from bench.device import to_float
-from bench.errors import BenchError
+from bench.core.data import ImageSet, stratified_split
+from bench.core.device import to_float
+from bench.core.errors import BenchError
 
 
 def fitted(seed: int = 0, **params) -> WaNet:

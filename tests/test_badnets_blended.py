@@ -7,8 +7,8 @@ import torch
 
 from attacks.badnets import BadNets
 from attacks.blended import Blended
-from bench.data import ImageSet
-from bench.errors import BenchError
+from bench.core.data import ImageSet
+from bench.core.errors import BenchError
 
 
 def _changed(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

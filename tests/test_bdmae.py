@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from bench.data import subsample
-from bench.device import to_float
-from bench.errors import BenchError
-from bench.mae import MAEConfig, MAERecipe, MaskedAutoencoder, load_mae_weights, random_token_masks, train_mae
-from bench.ssim import ssim_map
+from bench.core.data import subsample
+from bench.core.device import to_float
+from bench.core.errors import BenchError
+from bench.nn.mae import MAEConfig, MAERecipe, MaskedAutoencoder, load_mae_weights, random_token_masks, train_mae
+from bench.nn.ssim import ssim_map
 from defenses.bdmae import BDMAE, grid_adjacency, grow_regions, purification_masks, refine_scores, top_k_mask
 
 TINY_MAE = {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from bench.device import to_float
-from bench.errors import BenchError
-from bench.models import build_model
-from bench.train import TrainRecipe, train_classifier
+from bench.core.device import to_float
+from bench.core.errors import BenchError
+from bench.core.models import build_model
+from bench.nn.train import TrainRecipe, train_classifier
 from defenses.btidbf import BTIDBF, BTIDBFPurify, BTIDBFUnlearn, PixelGenerator, Split, decoupling_loss, feature_mask
 
 TINY = {"generator_base": 4, "generator_depth": 2, "batch_size": 64, "pretrain_epochs": 1, "mask_epochs": 2,

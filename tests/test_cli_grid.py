@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import yaml
 
-import bench.runner
-import bench.tsne
+import bench.orchestration.runner
+import bench.report.tsne
 from bench.cli import main
-from bench.config import load_config
-from bench.data import DataPaths
-from bench.execute import run_grid
+from bench.core.data import DataPaths
+from bench.orchestration.config import load_config
+from bench.orchestration.execute import run_grid
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def test_rerun_skips_cells_and_new_intensity_reuses_the_model(tmp_path, monkeypa
     def no_training(*args, **kwargs):
         raise AssertionError("a cached model was retrained")
 
-    monkeypatch.setattr(bench.runner, "train_classifier", no_training)
+    monkeypatch.setattr(bench.orchestration.runner, "train_classifier", no_training)
     _, computed, table_again = run_grid(config, tmp_path / "run", paths, "cpu")
     assert computed == 0 and table_again == table
     wider = load_config(_write(tmp_path, TINY), ["defenses=[none, {name: shrinkpad, pad: [2, 4, 6]}]"])
@@ -72,7 +72,7 @@ def test_default_grid_meets_the_bar(tmp_path, capsys, monkeypatch):
     def no_redraw(*args, **kwargs):
         raise AssertionError("a finished grid redrew its t-SNE figure")
 
-    monkeypatch.setattr(bench.tsne, "write_tsne_figures", no_redraw)
+    monkeypatch.setattr(bench.report.tsne, "write_tsne_figures", no_redraw)
     assert main(argv) == 0  # the rerun only rebuilds tables and the report
     captured = capsys.readouterr()
     assert "(0 computed, 4 already done)" in captured.out and "warning" not in captured.err

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from bench import augment
-from bench.errors import UnknownNameError
-from bench.metrics import backdoor_metrics
-from bench.models import build_model
-from bench.registry import ATTACKS, DEFENSES
+from bench.core.errors import UnknownNameError
+from bench.core.metrics import backdoor_metrics
+from bench.core.models import build_model
+from bench.core.registry import ATTACKS, DEFENSES
+from bench.nn import augment
 from defenses.shrinkpad import ShrinkPad, shrink_pad
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.data import DataPaths, load_dataset, stratified_split
-from bench.errors import BenchError
+from bench.core.data import DataPaths, load_dataset, stratified_split
+from bench.core.errors import BenchError
 from tests.conftest import cifar_root
 
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from bench.cli import main
-from bench.config import load_config
-from bench.grid import compile_grid
-from bench.registry import DEFENSES
+from bench.core.registry import DEFENSES
+from bench.orchestration.config import load_config
+from bench.orchestration.grid import compile_grid
 
 REPO = Path(__file__).resolve().parent.parent
 

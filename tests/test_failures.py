@@ -8,7 +8,7 @@ import pytest
 from gridrun import GRID, one_thread, write_grid
 
 from bench.cli import main
-from bench.registry import DEFENSES
+from bench.core.registry import DEFENSES
 from defenses.base import Defense
 
 

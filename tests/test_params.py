@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.errors import BenchError
-from bench.params import require, require_between, require_count
-from bench.registry import ATTACKS, DEFENSES
+from bench.core.errors import BenchError
+from bench.core.params import require, require_between, require_count
+from bench.core.registry import ATTACKS, DEFENSES
 
 
 def test_require_names_the_plugin() -> None:

@@ -11,18 +11,19 @@ import pytest
 import torch
 from gridrun import one_thread
 
-import bench.runner
-from bench.config import GridConfig
-from bench.data import DataPaths
-from bench.execute import run_grid
-from bench.executors import JobResult
-from bench.grid import clean_model_key, compile_grid
-from bench.plan import Job, build_plan
-from bench.registry import DEFENSES
-from bench.runner import CellRunner
-from bench.scheduler import execute_plan
-from bench.status import JobBook, run_status
-from bench.store import ArtifactStore, RecordStore
+import bench.orchestration.runner
+from bench.core.data import DataPaths
+from bench.core.records import RecordStore
+from bench.core.registry import DEFENSES
+from bench.orchestration.config import GridConfig
+from bench.orchestration.execute import run_grid
+from bench.orchestration.executors import JobResult
+from bench.orchestration.grid import clean_model_key, compile_grid
+from bench.orchestration.plan import Job, build_plan
+from bench.orchestration.runner import CellRunner
+from bench.orchestration.scheduler import execute_plan
+from bench.orchestration.status import JobBook, run_status
+from bench.orchestration.store import ArtifactStore
 from defenses.base import Defense
 
 
@@ -185,7 +186,7 @@ def test_two_workers_never_train_the_same_model(tmp_path, monkeypatch):
         torch.nn.init.constant_(model.head.weight, 0.25)
         return model
 
-    monkeypatch.setattr(bench.runner, "train_classifier", slow_training)
+    monkeypatch.setattr(bench.orchestration.runner, "train_classifier", slow_training)
     models: list[torch.nn.Module] = []
 
     def work(runner: CellRunner) -> None:
@@ -210,7 +211,7 @@ def test_a_corrupted_artifact_is_retrained_on_resume(tmp_path, monkeypatch):
         trained.append(1)
         return model
 
-    monkeypatch.setattr(bench.runner, "train_classifier", fake_training)
+    monkeypatch.setattr(bench.orchestration.runner, "train_classifier", fake_training)
     config = _config(attacks=["badnets"], defenses=["none"], seeds=[0])
     paths = DataPaths(Path("unused"), tmp_path / "cache")
     with one_thread():

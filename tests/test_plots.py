@@ -10,16 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-import bench.runner
-from bench.config import validate
-from bench.data import DataPaths
-from bench.errors import BenchError
-from bench.execute import run_grid
-from bench.grid import compile_grid
-from bench.plots import tradeoff_groups, write_tradeoff_figures
-from bench.report import records_frame
-from bench.store import RecordStore
-from bench.tsne import choose_panels, embed, per_class_index, poison_to_target, write_tsne_figures
+import bench.orchestration.runner
+from bench.core.data import DataPaths
+from bench.core.errors import BenchError
+from bench.core.records import RecordStore
+from bench.orchestration.config import validate
+from bench.orchestration.execute import run_grid
+from bench.orchestration.grid import compile_grid
+from bench.report.plots import tradeoff_groups, write_tradeoff_figures
+from bench.report.tables import records_frame
+from bench.report.tsne import choose_panels, embed, per_class_index, poison_to_target, write_tsne_figures
 
 PADS = [0, 2, 4, 6, 8, 10, 12]
 
@@ -132,14 +132,14 @@ def tradeoff_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     paths = DataPaths(root / "data", root / "cache")
     config = validate(tiny_config(["none", {"name": "shrinkpad", "pad": PADS}]), "test")
     calls = []
-    real_train = bench.runner.train_classifier
+    real_train = bench.orchestration.runner.train_classifier
 
     def counting_train(*args, **kwargs):
         calls.append(kwargs.get("desc"))
         return real_train(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench.runner, "train_classifier", counting_train)
+        mp.setattr(bench.orchestration.runner, "train_classifier", counting_train)
         cells, computed, markdown = run_grid(config, root / "run", paths, "cpu")
         again = run_grid(config, root / "run", paths, "cpu")[1]
     return {"root": root, "paths": paths, "cells": cells, "computed": computed, "again": again, "calls": calls,
@@ -168,7 +168,7 @@ def test_the_run_writes_tradeoff_figure_and_report(tradeoff_run: dict) -> None:
 
 def test_tsne_from_the_run_uses_cached_models_only(tradeoff_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tradeoff_run["root"] / "run"
-    monkeypatch.setattr(bench.runner, "train_classifier", lambda *a, **k: pytest.fail("t-SNE trained a model"))
+    monkeypatch.setattr(bench.orchestration.runner, "train_classifier", lambda *a, **k: pytest.fail("t-SNE trained a model"))
     (png,) = write_tsne_figures(run, tradeoff_run["paths"], "cpu", per_class=6, poisoned_per_class=3)
     assert png.name == "tsne-mnist5k-test-subset-500-train-subset-2000-small-cnn-width-8-badnets.png"
     assert png.with_suffix(".pdf").exists()

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.config import GridConfig
-from bench.data import DataPaths, DataSplit, ImageSet
-from bench.device import to_float
-from bench.errors import BenchError
-from bench.grid import compile_grid
-from bench.models import build_model
-from bench.runner import CellRunner
-from bench.store import ArtifactStore
-from bench.train import TrainRecipe, train_classifier
+from bench.core.data import DataPaths, DataSplit, ImageSet
+from bench.core.device import to_float
+from bench.core.errors import BenchError
+from bench.core.models import build_model
+from bench.nn.train import TrainRecipe, train_classifier
+from bench.orchestration.config import GridConfig
+from bench.orchestration.grid import compile_grid
+from bench.orchestration.runner import CellRunner
+from bench.orchestration.store import ArtifactStore
 from defenses.refine import Refine
 
 CPU = torch.device("cpu")

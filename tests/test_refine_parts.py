@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.losses import supcon_loss
-from bench.seeding import generator
+from bench.core.seeding import generator
+from bench.nn.losses import supcon_loss
 from defenses.refine import derangement, remap, unmap
 
 
@@ -29,7 +29,7 @@ def test_derangement_is_stable_per_seed_and_varies_across_seeds() -> None:
 
 
 def test_derangement_rejects_a_single_class() -> None:
-    from bench.errors import BenchError
+    from bench.core.errors import BenchError
 
     with pytest.raises(BenchError, match="at least 2 classes"):
         derangement(1, generator(0))

@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
-from bench.report import (
+from bench.core.records import RecordStore
+from bench.report.page import write_report
+from bench.report.tables import (
     LONG_COLUMNS,
     best_defense,
     der,
@@ -20,10 +22,8 @@ from bench.report import (
     records_frame,
     to_latex,
     to_markdown,
-    write_report,
     write_tables,
 )
-from bench.store import RecordStore
 
 ATTACKS = ["badnets", "blended(alpha=0.1)"]
 DEFENSES = [("none", "none", None), ("shrinkpad", "shrinkpad(pad=4)", 4), ("refine", "refine", None)]

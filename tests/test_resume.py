@@ -18,7 +18,7 @@ from gridrun import (
     write_grid,
 )
 
-from bench.status import format_status, run_status
+from bench.orchestration.status import format_status, run_status
 
 pytestmark = pytest.mark.slow
 

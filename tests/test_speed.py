@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.config import load_config
-from bench.device import resolve_device, to_float
-from bench.errors import BenchError
-from bench.grid import compile_grid
-from bench.metrics import predict_labels
-from bench.models import build_model
-from bench.registry import ATTACKS, DEFENSES
-from bench.train import TrainRecipe, make_scheduler, train_classifier
+from bench.core.device import resolve_device, to_float
+from bench.core.errors import BenchError
+from bench.core.metrics import predict_labels
+from bench.core.models import build_model
+from bench.core.registry import ATTACKS, DEFENSES
+from bench.nn.train import TrainRecipe, make_scheduler, train_classifier
+from bench.orchestration.config import load_config
+from bench.orchestration.grid import compile_grid
 from benchmarks import grid_walltime, poisoning, training
 from benchmarks.common import recipe_settings
 

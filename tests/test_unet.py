@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.unet import UNet
+from bench.nn.unet import UNet
 
 
 def conv_widths(net: UNet) -> list[int]:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from bench.device import to_float
+from bench.core.device import to_float
 
 Predictor = Callable[[Tensor], Tensor]
 

@@ -25,7 +25,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from bench.store import _atomic_write_bytes
+from bench.core.files import atomic_write_bytes
 
 FIGURE_DIR = "figures"
 FORMATS = ("png", "pdf")
@@ -56,7 +56,7 @@ def save_figure(fig: Figure, stem: Path) -> list[Path]:
         buffer = io.BytesIO()
         fig.savefig(buffer, format=fmt, dpi=PNG_DPI if fmt == "png" else None)
         path = stem.with_suffix(f".{fmt}")
-        _atomic_write_bytes(buffer.getvalue(), path)
+        atomic_write_bytes(buffer.getvalue(), path)
         written.append(path)
     return written
 
@@ -66,7 +66,7 @@ def save_figure(fig: Figure, stem: Path) -> list[Path]:
 
 def intensity_param(defense: str) -> str | None:
     """The registered defense's knob name (None for unknown or knob-less defenses)."""
-    from bench.registry import DEFENSES
+    from bench.core.registry import DEFENSES
 
     try:
         return DEFENSES.get(defense).intensity_param
@@ -170,7 +170,7 @@ def tradeoff_stem(group: dict[str, Any]) -> str:
 
 def write_tradeoff_figures(run_dir: Path, records: Iterable[dict]) -> list[Path]:
     """Every trade-off figure the records allow, under ``run_dir/figures``; PNG paths returned."""
-    from bench.report import records_frame
+    from bench.report.tables import records_frame
 
     out = Path(run_dir) / FIGURE_DIR
     pngs = []

@@ -1,7 +1,7 @@
 """Compile grid cells into a plan of jobs with dependencies.
 
 A cell needs up to three expensive things, each cached under its own content key (see
-:mod:`bench.grid`): the backdoored model (``model_key``), the fitted defense state
+:mod:`bench.orchestration.grid`): the backdoored model (``model_key``), the fitted defense state
 (``defense_key``, trainable defenses only) and finally the evaluation that writes the cell's
 record. Many cells share one model, and intensity sweeps share one fitted defense, so the plan
 has one job per *distinct* artifact:
@@ -10,7 +10,7 @@ has one job per *distinct* artifact:
 
 Clean-label attacks (``Attack.clean_label``) craft their poison with a clean model
 (``FitContext.train_clean_model``): that model is the grid's ``clean`` row model
-(:func:`bench.grid.clean_model_key`), so their model job waits for a ``model-<clean key>`` job
+(:func:`bench.orchestration.grid.clean_model_key`), so their model job waits for a ``model-<clean key>`` job
 that trains it, once for every attack setting and for the ``clean`` row itself.
 
 A job whose output already exists (a record in the run directory, an artifact in the cache) is
@@ -25,10 +25,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.config import GridConfig
-from bench.grid import Cell, clean_model_key
-from bench.registry import ATTACKS
-from bench.store import ArtifactStore, RecordStore
+from bench.core.records import RecordStore
+from bench.core.registry import ATTACKS
+from bench.orchestration.config import GridConfig
+from bench.orchestration.grid import Cell, clean_model_key
+from bench.orchestration.store import ArtifactStore
 
 JOB_KINDS = ("clean", "model", "defense", "cell")
 

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bench.errors import BenchError
-from bench.train import TrainRecipe
+from bench.core.errors import BenchError
+from bench.nn.train import TrainRecipe
 
 
 class PluginSpec(BaseModel):

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from bench.executors import Executor, JobResult
-from bench.plan import Job, Plan
-from bench.status import JobBook
-from bench.store import RecordStore
+from bench.core.records import RecordStore
+from bench.orchestration.executors import Executor, JobResult
+from bench.orchestration.plan import Job, Plan
+from bench.orchestration.status import JobBook
 
 
 @dataclass

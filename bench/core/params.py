@@ -3,14 +3,14 @@
 Attacks and defenses validate their parameters in ``__init__``, before any data is loaded, so a
 bad config fails in a second with one line naming the plugin, the parameter, the allowed values
 and the value given -- e.g. ``refine: lr must be > 0, got -1``. These helpers build that line and
-raise :class:`~bench.errors.BenchError` (exit status 2, no traceback).
+raise :class:`~bench.core.errors.BenchError` (exit status 2, no traceback).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 _LOW_BRACKETS = {"[": float.__le__, "(": float.__lt__}
 _HIGH_BRACKETS = {"]": float.__le__, ")": float.__lt__}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:

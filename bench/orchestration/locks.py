@@ -21,8 +21,8 @@ from types import TracebackType
 
 from filelock import FileLock, Timeout
 
-from bench.errors import BenchError
-from bench.store import read_json
+from bench.core.errors import BenchError
+from bench.core.files import read_json
 
 LOCK_DIR = "locks"
 

@@ -18,16 +18,16 @@ from torch import nn
 
 import bench
 from attacks.base import Attack, FitContext
-from bench.config import GridConfig, PluginSpec
-from bench.data import DataPaths, DataSplit, ImageSet, load_dataset, stratified_split
-from bench.errors import BenchError
-from bench.grid import Cell, clean_model_key, instantiate
-from bench.metrics import backdoor_metrics
-from bench.models import build_model
-from bench.registry import ATTACKS, DEFENSES
-from bench.seeding import derive_seed, generator, seed_everything
-from bench.store import ArtifactStore
-from bench.train import train_classifier
+from bench.core.data import DataPaths, DataSplit, ImageSet, load_dataset, stratified_split
+from bench.core.errors import BenchError
+from bench.core.metrics import backdoor_metrics
+from bench.core.models import build_model
+from bench.core.registry import ATTACKS, DEFENSES
+from bench.core.seeding import derive_seed, generator, seed_everything
+from bench.nn.train import train_classifier
+from bench.orchestration.config import GridConfig, PluginSpec
+from bench.orchestration.grid import Cell, clean_model_key, instantiate
+from bench.orchestration.store import ArtifactStore
 from defenses.base import Defense
 
 

@@ -36,9 +36,9 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bench import augment
-from bench.device import to_float
-from bench.errors import BenchError
+from bench.core.device import to_float
+from bench.core.errors import BenchError
+from bench.nn import augment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.errors import BenchError
-from bench.executors import JobResult
-from bench.locks import process_alive, this_process
-from bench.plan import Job, Plan
-from bench.store import atomic_write_json, atomic_write_text, read_json
+from bench.core.errors import BenchError
+from bench.core.files import atomic_write_json, atomic_write_text, read_json
+from bench.orchestration.executors import JobResult
+from bench.orchestration.locks import process_alive, this_process
+from bench.orchestration.plan import Job, Plan
 
 JOBS_DIR = "jobs"
 LOGS_DIR = "logs"

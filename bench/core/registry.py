@@ -13,7 +13,7 @@ import importlib
 from importlib import metadata
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from bench.errors import UnknownNameError
+from bench.core.errors import UnknownNameError
 
 T = TypeVar("T")
 
@@ -88,5 +88,5 @@ def describe(obj: Any) -> str:
 
 ATTACKS: Registry = Registry("attack", "bench.attacks", builtins="attacks")
 DEFENSES: Registry = Registry("defense", "bench.defenses", builtins="defenses")
-MODELS: Registry = Registry("model", "bench.models", builtins="bench.models")
-DATASETS: Registry = Registry("dataset", "bench.datasets", builtins="bench.data")
+MODELS: Registry = Registry("model", "bench.models", builtins="bench.core.models")
+DATASETS: Registry = Registry("dataset", "bench.datasets", builtins="bench.core.data")

@@ -1,12 +1,12 @@
-"""Where plan jobs run: in this process, in N worker processes, or (``bench.ray_backend``) on Ray.
+"""Where plan jobs run: in this process, in N worker processes, or (``bench.orchestration.ray_backend``) on Ray.
 
 Every backend runs the same function, :func:`run_job`, inside a worker that keeps one
-:class:`bench.runner.CellRunner` for its whole life: datasets are decoded once per worker and
+:class:`bench.orchestration.runner.CellRunner` for its whole life: datasets are decoded once per worker and
 the most recent backdoored model stays in memory, so a worker that evaluates the cells of the
 model it just trained never reloads it. A job that raises never takes the worker down: the
 exception comes back as a failed :class:`JobResult` with its traceback.
 
-Executors expose *slots* (one per worker). The scheduler (:mod:`bench.scheduler`) starts a job
+Executors expose *slots* (one per worker). The scheduler (:mod:`bench.orchestration.scheduler`) starts a job
 on a free slot and waits for results; it alone decides the order, so every backend behaves alike.
 """
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.config import GridConfig
-from bench.data import DataPaths
-from bench.plan import Job
+from bench.core.data import DataPaths
+from bench.orchestration.config import GridConfig
+from bench.orchestration.plan import Job
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,9 @@ def worker_runner(spec: WorkerSpec) -> Any:
 
         import torch
 
-        from bench.device import resolve_device
-        from bench.runner import CellRunner
-        from bench.store import ArtifactStore
+        from bench.core.device import resolve_device
+        from bench.orchestration.runner import CellRunner
+        from bench.orchestration.store import ArtifactStore
 
         for module in spec.plugin_modules:
             importlib.import_module(module)
@@ -291,7 +291,7 @@ class ProcessExecutor:
 
 def plugin_modules(config: GridConfig) -> tuple[str, ...]:
     """Modules that registered the grid's plugins, so a spawned worker can import them too."""
-    from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
+    from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 
     modules: list[str] = []
     for registry, specs in ((DATASETS, config.datasets), (MODELS, config.models),

@@ -4,7 +4,7 @@
 when given); with ``--address`` it joins a running cluster (``auto``, ``HOST:PORT``). The
 driver keeps the plan and the scheduling, so a job is submitted only when its inputs exist and
 a slot is free; each task asks for one GPU when the cluster has GPUs, else for one CPU. Tasks
-reuse Ray's worker processes, and with them the process-wide runner of :mod:`bench.executors`.
+reuse Ray's worker processes, and with them the process-wide runner of :mod:`bench.orchestration.executors`.
 
 What a cluster needs: this package importable on every node (same version), and the cache
 directory (``--cache-dir``) and data root on a file system every node mounts at the same path;
@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from bench.errors import BenchError
-from bench.executors import JobResult, WorkerSpec, error_line, failure, run_job
-from bench.plan import Job
+from bench.core.errors import BenchError
+from bench.orchestration.executors import JobResult, WorkerSpec, error_line, failure, run_job
+from bench.orchestration.plan import Job
 
 
 def _ray_job(spec: WorkerSpec, job: Job) -> JobResult:

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, FitContext
-from bench.config import PluginSpec
-from bench.data import DataSplit
-from bench.device import to_float
-from bench.grid import instantiate
-from bench.registry import ATTACKS
-from bench.seeding import generator
-from bench.store import _atomic_write_bytes
+from bench.core.data import DataSplit
+from bench.core.device import to_float
+from bench.core.files import atomic_write_bytes
+from bench.core.registry import ATTACKS
+from bench.core.seeding import generator
+from bench.orchestration.config import PluginSpec
+from bench.orchestration.grid import instantiate
 
 
 @dataclass
@@ -79,7 +79,7 @@ def write_trigger_grid(examples: list[TriggerExample], path: Path, title: str = 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     path = Path(path)
-    _atomic_write_bytes(buffer.getvalue(), path)
+    atomic_write_bytes(buffer.getvalue(), path)
     return path
 
 

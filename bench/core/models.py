@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.registry import MODELS
+from bench.core.registry import MODELS
 
 # Per-channel statistics used for normalisation when the dataset does not provide its own.
 DEFAULT_MEAN = {1: (0.1307,), 3: (0.4914, 0.4822, 0.4465)}
@@ -165,7 +165,7 @@ class TorchvisionResNet18(Classifier):
 
 def build_model(name: str, num_classes: int, in_channels: int, **params: object) -> Classifier:
     """Instantiate a registered model for ``num_classes`` classes and ``in_channels`` channels."""
-    from bench.errors import BenchError
+    from bench.core.errors import BenchError
 
     cls = MODELS.get(name)
     try:

@@ -33,14 +33,16 @@ from matplotlib.lines import Line2D
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bench.config import GridConfig, PluginSpec, read_yaml, validate
-from bench.data import DataPaths, ImageSet
-from bench.device import resolve_device, to_float
-from bench.errors import BenchError
-from bench.grid import Cell, compile_grid
-from bench.plots import FIGURE_DIR, PALETTE, save_figure, slug, themed
-from bench.seeding import generator
-from bench.store import ArtifactStore, RecordStore, atomic_write_text
+from bench.core.data import DataPaths, ImageSet
+from bench.core.device import resolve_device, to_float
+from bench.core.errors import BenchError
+from bench.core.files import atomic_write_text
+from bench.core.records import RecordStore
+from bench.core.seeding import generator
+from bench.orchestration.config import GridConfig, PluginSpec, read_yaml, validate
+from bench.orchestration.grid import Cell, compile_grid
+from bench.orchestration.store import ArtifactStore
+from bench.report.plots import FIGURE_DIR, PALETTE, save_figure, slug, themed
 
 PCA_DIMS = 50  # features are reduced to this many dimensions before t-SNE (standard practice)
 
@@ -113,7 +115,7 @@ def choose_panels(cells: list[Cell], labels: list[str] | None = None) -> list[Ce
         if cell.intensity is None:
             panels.append(cell)
             continue
-        from bench.registry import DEFENSES
+        from bench.core.registry import DEFENSES
 
         knob = DEFENSES.get(cell.defense.name).intensity_param
         fixed = tuple(sorted((k, repr(v)) for k, v in cell.defense_params.items() if k != knob))
@@ -263,7 +265,7 @@ def write_tsne_figures(
     poisoned_per_class: int = 50,
 ) -> list[Path]:
     """One t-SNE figure per (dataset, model, attack) of the run (first seed); PNG paths returned."""
-    from bench.runner import CellRunner
+    from bench.orchestration.runner import CellRunner
 
     if per_class < 1 or poisoned_per_class < 0:
         raise BenchError("t-SNE: per_class must be >= 1 and poisoned_per_class >= 0")

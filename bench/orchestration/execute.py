@@ -1,8 +1,8 @@
 """Run a whole grid into a run directory: compile, plan, execute, then tables and figures.
 
-The grid compiles into cells (:mod:`bench.grid`), the cells into a plan of the jobs still
-missing (:mod:`bench.plan`), and the plan runs on a backend (:mod:`bench.executors`,
-:mod:`bench.ray_backend`) under the scheduler (:mod:`bench.scheduler`). Everything that can be
+The grid compiles into cells (:mod:`bench.orchestration.grid`), the cells into a plan of the jobs still
+missing (:mod:`bench.orchestration.plan`), and the plan runs on a backend (:mod:`bench.orchestration.executors`,
+:mod:`bench.orchestration.ray_backend`) under the scheduler (:mod:`bench.orchestration.scheduler`). Everything that can be
 checked (config, plugin names and parameters, the data) is checked before the run directory is
 touched; a job that fails at run time is recorded and the others go on.
 """
@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
-from bench.config import GridConfig
-from bench.data import DataPaths
-from bench.device import resolve_device
-from bench.errors import BenchError
-from bench.executors import (
+from bench.core.data import DataPaths
+from bench.core.device import resolve_device
+from bench.core.errors import BenchError
+from bench.core.files import atomic_write_text
+from bench.core.records import RecordStore
+from bench.orchestration.config import GridConfig
+from bench.orchestration.executors import (
     Executor,
     InlineExecutor,
     ProcessExecutor,
@@ -27,14 +29,15 @@ from bench.executors import (
     absolute_paths,
     plugin_modules,
 )
-from bench.grid import Cell, compile_grid
-from bench.locks import RunLock
-from bench.plan import build_plan
-from bench.report import make_figures, write_tables
-from bench.runner import CellRunner
-from bench.scheduler import execute_plan
-from bench.status import JobBook
-from bench.store import ArtifactStore, RecordStore, atomic_write_text, remove_stale_temps
+from bench.orchestration.grid import Cell, compile_grid
+from bench.orchestration.locks import RunLock
+from bench.orchestration.plan import build_plan
+from bench.orchestration.runner import CellRunner
+from bench.orchestration.scheduler import execute_plan
+from bench.orchestration.status import JobBook
+from bench.orchestration.store import ArtifactStore, remove_stale_temps
+from bench.report.page import make_figures
+from bench.report.tables import write_tables
 
 BACKENDS = ("local", "ray")
 
@@ -75,7 +78,7 @@ def make_executor(
     runner: CellRunner | None,
 ) -> Executor:
     if backend == "ray":
-        from bench.ray_backend import RayExecutor
+        from bench.orchestration.ray_backend import RayExecutor
 
         return RayExecutor(base, address, workers)
     assert device is not None
@@ -150,7 +153,7 @@ def run_grid(
     markdown = write_tables(run_dir, ids)
     # t-SNE re-embeds test images through every panel's model: redraw it only when cells changed,
     # so that re-running a finished grid stays a matter of seconds.
-    from bench.plots import FIGURE_DIR
+    from bench.report.plots import FIGURE_DIR
 
     tsne = tsne and (computed > 0 or not any((run_dir / FIGURE_DIR).glob("tsne-*.png")))
     make_figures(run_dir, paths, dev, only=ids, tsne=tsne, strict=False)

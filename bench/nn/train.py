@@ -19,8 +19,8 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bench import augment
-from bench.device import to_float
+from bench.core.device import to_float
+from bench.nn import augment
 
 BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
 

@@ -14,11 +14,12 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from bench.config import GridConfig, PluginSpec
-from bench.grid import Cell, compile_grid, instantiate
-from bench.plan import Plan, build_plan, cell_label
-from bench.registry import DEFENSES
-from bench.store import ArtifactStore, RecordStore
+from bench.core.records import RecordStore
+from bench.core.registry import DEFENSES
+from bench.orchestration.config import GridConfig, PluginSpec
+from bench.orchestration.grid import Cell, compile_grid, instantiate
+from bench.orchestration.plan import Plan, build_plan, cell_label
+from bench.orchestration.store import ArtifactStore
 
 
 def nominal_sizes(spec: PluginSpec) -> tuple[int, int] | None:

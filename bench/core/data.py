@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.errors import BenchError
-from bench.registry import DATASETS
-from bench.store import atomic_torch_save
+from bench.core.errors import BenchError
+from bench.core.files import atomic_torch_save
+from bench.core.registry import DATASETS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CIFAR10_CLASSES = [

@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.config import GridConfig, PluginSpec
-from bench.errors import BenchError
-from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
-from bench.store import stable_hash
+from bench.core.errors import BenchError
+from bench.core.files import stable_hash
+from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS
+from bench.orchestration.config import GridConfig, PluginSpec
 
 # Bump when a change to the code alters what a cached artifact would contain.
 ARTIFACT_VERSION = 1
