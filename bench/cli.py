@@ -42,8 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-tsne", action="store_true",
                      help="skip the t-SNE figure at the end (it re-embeds test images through every panel's model)")
     run.add_argument("--workers", type=int, default=None, metavar="N",
-                     help="parallel workers (default: one per visible GPU, else 1; with --backend ray: "
-                          "the cluster's GPUs, else its CPUs)")
+                     help="worker processes in all, each running one job at a time (one runs in this process, "
+                          "more are spawned). Default: on the CPU, usable cores / threads_per_job (jobs side by "
+                          "side; every job has threads_per_job threads, so N never changes a number); on CUDA, "
+                          "one per visible GPU. On several GPUs, worker i goes to GPU i mod GPUs. With --backend ray, the same "
+                          "rules over the cluster's CPUs and GPUs")
+    run.add_argument("--jobs-per-gpu", type=int, default=None, metavar="K",
+                     help="K worker processes per visible GPU (workers = GPUs x K, round robin), for jobs too "
+                          "small to fill a GPU; instead of --workers. An error with --device cpu; ignored when "
+                          "the device is auto and no GPU is visible. With --backend ray: each task asks for 1/K of a GPU")
     run.add_argument("--backend", choices=("local", "ray"), default="local",
                      help="local: worker processes on this machine (default); ray: one Ray task per job")
     run.add_argument("--address", default=None,
@@ -115,7 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     paths = DataPaths.resolve(args.data_root, cache_dir)
     start = time.perf_counter()
     cells, computed, markdown = run_grid(config, run_dir, paths, args.device, tsne=not args.no_tsne,
-                                         workers=args.workers, backend=args.backend, address=args.address)  # fmt: skip
+                                         workers=args.workers, jobs_per_gpu=args.jobs_per_gpu, backend=args.backend,
+                                         address=args.address)  # fmt: skip
     print(markdown)
     failed = [c for c in cell_statuses(run_dir, cells) if c.state != "done"]
     print(f"{len(cells)} cells ({computed} computed, {len(cells) - computed - len(failed)} already done"

@@ -1,8 +1,9 @@
 """Helpers for tests that run whole grids through the command line in a subprocess.
 
-Subprocesses run with one BLAS thread, like every worker of the parallel backends, so that runs
-on different backends are bit-for-bit comparable (CPU kernels are deterministic for a fixed
-thread count). The uninterrupted reference run is computed once per test session.
+Runs on different backends are compared bit for bit: every job runs with the grid's
+``threads_per_job`` threads whatever the process it runs in was given, so the subprocesses get
+the caller's environment unchanged. The uninterrupted reference run is computed once per test
+session.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ _REFERENCE: dict[str, Path] = {}
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """Run torch single-threaded here, as the workers do: the same numbers, and no thread
-    contention on a busy machine (tiny models gain nothing from a second thread)."""
+    """Run torch single-threaded here for code that runs outside a grid job (jobs set their own
+    threads): no thread contention on a busy machine (tiny models gain nothing from a second thread)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -55,7 +56,7 @@ def write_grid(path: Path, grid: dict | None = None) -> Path:
 
 
 def cli_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def cli_command(config: Path, run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -73,7 +74,8 @@ def run_cli(
 def reference_run(tmp_path_factory: Any) -> Path:
     """The run directory of an uninterrupted, single-worker run of :data:`GRID` (once per session).
 
-    It runs in this process (no start-up cost) with one thread, like the subprocesses.
+    It runs in this process (no start-up cost); its jobs get one thread from the grid's
+    ``threads_per_job``, like the jobs of the subprocesses.
     """
     if "run" not in _REFERENCE:
         from bench.core.data import DataPaths
@@ -82,8 +84,7 @@ def reference_run(tmp_path_factory: Any) -> Path:
 
         base = tmp_path_factory.mktemp("reference")
         config = load_config(write_grid(base / "grid.yaml"))
-        with one_thread():
-            cells, computed, _ = run_grid(config, base / "run", DataPaths(base / "data", base / "cache"), "cpu")
+        cells, computed, _ = run_grid(config, base / "run", DataPaths(base / "data", base / "cache"), "cpu", workers=1)
         assert len(cells) == computed == N_CELLS
         _REFERENCE["run"] = base / "run"
     return _REFERENCE["run"]

@@ -44,7 +44,7 @@ def test_clean_reference_clean_label_attack_and_physical_transforms_run_in_a_gri
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(GRID))
     paths = DataPaths(tmp_path / "data", tmp_path / "cache")
-    cells, computed, table = run_grid(load_config(path), tmp_path / "run", paths, "cpu")
+    cells, computed, table = run_grid(load_config(path), tmp_path / "run", paths, "cpu", workers=1)  # spied here
     assert computed == 3
     frame = pd.read_csv(tmp_path / "run" / "cells.csv").set_index("attack")
     # clean: a model that learnt something of the digits (above 10% chance) and has no backdoor.
@@ -61,5 +61,5 @@ def test_clean_reference_clean_label_attack_and_physical_transforms_run_in_a_gri
         raise AssertionError("a cached model was retrained")
 
     monkeypatch.setattr(bench.orchestration.runner, "train_classifier", no_training)
-    _, computed, _ = run_grid(load_config(path, ["seeds=[0]"]), tmp_path / "run2", paths, "cpu")
+    _, computed, _ = run_grid(load_config(path, ["seeds=[0]"]), tmp_path / "run2", paths, "cpu", workers=1)
     assert computed == 3  # new run directory, every model (and the clean one) from the cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from gridrun import GRID, one_thread, write_grid
+from gridrun import GRID, write_grid
 
 from bench.cli import main
 from bench.core.registry import DEFENSES
@@ -29,18 +29,13 @@ def exploding(monkeypatch):
     monkeypatch.setitem(DEFENSES._items, "exploding", ExplodingDefense)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
-
-
 def test_failing_defense_fails_its_cell_only(tmp_path, exploding, capsys):
     grid = {**GRID, "attacks": ["badnets"], "defenses": ["none", "exploding", {"name": "shrinkpad", "pad": 2}]}
     config = write_grid(tmp_path / "grid.yaml", grid)
     run_dir = tmp_path / "run"
+    # One worker, in this process: the test-only defense is registered here only.
     args = ["run", str(config), "--out", str(run_dir), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
-            "--no-tsne"]  # fmt: skip
+            "--no-tsne", "--workers", "1"]  # fmt: skip
 
     assert main(args) == 1
     err = capsys.readouterr().err
@@ -73,6 +68,11 @@ def test_failing_defense_fails_its_cell_only(tmp_path, exploding, capsys):
     "extra, message",
     [
         (["--workers", "0"], "--workers must be >= 1"),
+        (["--jobs-per-gpu", "0"], "--jobs-per-gpu must be >= 1"),
+        (["--workers", "2", "--jobs-per-gpu", "2"], "give --workers (worker processes in all) or --jobs-per-gpu"),
+        (["--device", "cpu", "--jobs-per-gpu", "2"], "--jobs-per-gpu places jobs on GPUs; on the CPU use --workers"),
+        (["--set", "threads_per_job=0"], "threads_per_job: must be >= 1, got 0"),
+        (["--set", "deterministic=maybe"], "deterministic: must be true, false or warn, got 'maybe'"),
         (["--address", "auto"], "--address is for --backend ray"),
         (["--set", "defenses=[none, nosuchdefense]"], "unknown defense 'nosuchdefense'"),
     ],

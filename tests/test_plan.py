@@ -214,15 +214,14 @@ def test_a_corrupted_artifact_is_retrained_on_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.orchestration.runner, "train_classifier", fake_training)
     config = _config(attacks=["badnets"], defenses=["none"], seeds=[0])
     paths = DataPaths(Path("unused"), tmp_path / "cache")
-    with one_thread():
-        cells, computed, _ = run_grid(config, tmp_path / "run", paths, "cpu")
-        assert computed == 1 and len(trained) == 1
-        (model_file,) = (tmp_path / "cache" / "models").glob("*.pt")
-        raw = bytearray(model_file.read_bytes())
-        raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the payload
-        model_file.write_bytes(bytes(raw))
-        RecordStore(tmp_path / "run").path(cells[0].cell_id).unlink()
-        _, computed, _ = run_grid(config, tmp_path / "run", paths, "cpu")
+    cells, computed, _ = run_grid(config, tmp_path / "run", paths, "cpu", workers=1)  # in this process: counted
+    assert computed == 1 and len(trained) == 1
+    (model_file,) = (tmp_path / "cache" / "models").glob("*.pt")
+    raw = bytearray(model_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the payload
+    model_file.write_bytes(bytes(raw))
+    RecordStore(tmp_path / "run").path(cells[0].cell_id).unlink()
+    _, computed, _ = run_grid(config, tmp_path / "run", paths, "cpu", workers=1)
     assert computed == 1 and len(trained) == 2
     assert ArtifactStore(tmp_path / "cache").load("models", cells[0].model_key) is not None
 

@@ -140,8 +140,8 @@ def tradeoff_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench.orchestration.runner, "train_classifier", counting_train)
-        cells, computed, markdown = run_grid(config, root / "run", paths, "cpu")
-        again = run_grid(config, root / "run", paths, "cpu")[1]
+        cells, computed, markdown = run_grid(config, root / "run", paths, "cpu", workers=1)  # in this process: counted
+        again = run_grid(config, root / "run", paths, "cpu", workers=1)[1]
     return {"root": root, "paths": paths, "cells": cells, "computed": computed, "again": again, "calls": calls,
             "markdown": markdown}  # fmt: skip
 

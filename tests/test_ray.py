@@ -25,5 +25,7 @@ def test_ray_backend_gives_the_local_table(tmp_path_factory, tmp_path):
     # The jobs ran in Ray's worker processes, not in the driver.
     assert all(not j["worker"].startswith(f"pid {run['pid']} ") for j in jobs)
     assert len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 3
+    records = [json.loads(p.read_text()) for p in (tmp_path / "run" / "records").glob("*.json")]
+    assert {r["threads_per_job"] for r in records} == {1}  # the grid's threads_per_job
     assert (tmp_path / "run" / "table.md").read_text() == (reference / "table.md").read_text()
     assert_complete_files(tmp_path / "run")

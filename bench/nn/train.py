@@ -103,9 +103,10 @@ def train_classifier(
     """
     model.to(device)
     use_cuda = device.type == "cuda"
-    if use_cuda:
+    if use_cuda and not torch.are_deterministic_algorithms_enabled():
         # Every step has the same shapes (the ragged last batch is dropped), so cuDNN's one-off
-        # kernel search pays for itself within the first epoch.
+        # kernel search pays for itself within the first epoch. Not in deterministic mode: the
+        # search may pick another kernel, with other rounding, in the next process.
         torch.backends.cudnn.benchmark = True
     if use_cuda and recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)

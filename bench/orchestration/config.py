@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bench.core.determinism import Deterministic
 from bench.core.errors import BenchError
 from bench.nn.train import TrainRecipe
 
@@ -83,6 +84,12 @@ class GridConfig(BaseModel):
     holdout: float = 0.2
     eval_batch_size: int = 1024
     device: str = "auto"
+    # Intra-op threads of every job, whatever the machine: a job's numbers depend on it (float
+    # reductions split over threads), so it is part of the experiment, not of the machine.
+    threads_per_job: int = 1
+    # torch's deterministic algorithms (and cuDNN without autotuning) for every job; "warn" keeps
+    # running ops that have no deterministic CUDA kernel and warns. No effect on CPU numbers.
+    deterministic: Deterministic = False
 
     @field_validator("holdout")
     @classmethod
@@ -91,12 +98,19 @@ class GridConfig(BaseModel):
             raise ValueError(f"holdout must be in [0, 1), got {v}")
         return v
 
-    @field_validator("eval_batch_size")
+    @field_validator("eval_batch_size", "threads_per_job")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"must be >= 1, got {v}")
         return v
+
+    @field_validator("deterministic", mode="before")
+    @classmethod
+    def _deterministic(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v == "warn":
+            return v
+        raise ValueError(f"must be true, false or warn, got {v!r}")
 
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -9,13 +9,15 @@ touched; a job that fails at run time is recorded and the others go on.
 
 from __future__ import annotations
 
-import os
+import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench.core.data import DataPaths
+from bench.core.determinism import usable_cores
 from bench.core.device import resolve_device
 from bench.core.errors import BenchError
 from bench.core.files import atomic_write_text
@@ -31,6 +33,7 @@ from bench.orchestration.executors import (
 )
 from bench.orchestration.grid import Cell, compile_grid
 from bench.orchestration.locks import RunLock
+from bench.orchestration.placement import check_worker_options, place_workers
 from bench.orchestration.plan import build_plan
 from bench.orchestration.runner import CellRunner
 from bench.orchestration.scheduler import execute_plan
@@ -48,44 +51,24 @@ def write_config_snapshot(config: GridConfig, run_dir: Path) -> None:
     atomic_write_text(yaml.safe_dump(config.resolved(), sort_keys=False), run_dir / "config.yaml")
 
 
-def default_workers(device: torch.device) -> int:
-    """One worker per visible GPU when running on CUDA (no index given), else one."""
-    if device.type == "cuda" and device.index is None:
-        return max(1, torch.cuda.device_count())
-    return 1
-
-
-def worker_specs(base: WorkerSpec, device: torch.device, workers: int) -> list[WorkerSpec]:
-    """Worker ``i`` on GPU ``i`` (round robin); CPU workers share the cores between them."""
-    if device.type == "cuda" and device.index is None:
-        count = max(1, torch.cuda.device_count())
-        return [WorkerSpec(base.config, base.paths, f"cuda:{i % count}", None, base.plugin_modules)
-                for i in range(workers)]  # fmt: skip
-    threads = None
-    if device.type == "cpu" and workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-            threads = min(threads, int(os.environ["OMP_NUM_THREADS"]))
-    return [WorkerSpec(base.config, base.paths, str(device), threads, base.plugin_modules) for _ in range(workers)]
-
-
 def make_executor(
     backend: str,
     base: WorkerSpec,
-    device: torch.device | None,
-    workers: int | None,
+    devices: tuple[str, ...],
     address: str | None,
     runner: CellRunner | None,
+    *,
+    workers: int | None = None,
+    jobs_per_gpu: int | None = None,
 ) -> Executor:
+    """One worker runs in this process (the data it already loaded is reused), several are spawned."""
     if backend == "ray":
         from bench.orchestration.ray_backend import RayExecutor
 
-        return RayExecutor(base, address, workers)
-    assert device is not None
-    workers = workers or default_workers(device)
-    if workers == 1:
-        return InlineExecutor(WorkerSpec(base.config, base.paths, str(device), None, base.plugin_modules), runner)
-    return ProcessExecutor(worker_specs(base, device, workers))
+        return RayExecutor(base, address, workers, jobs_per_gpu)
+    if len(devices) == 1:
+        return InlineExecutor(replace(base, device=devices[0]), runner)
+    return ProcessExecutor([replace(base, device=device) for device in devices])
 
 
 def run_grid(
@@ -96,6 +79,7 @@ def run_grid(
     tsne: bool = False,
     *,
     workers: int | None = None,
+    jobs_per_gpu: int | None = None,
     backend: str = "local",
     address: str | None = None,
 ) -> tuple[list[Cell], int, str]:
@@ -104,8 +88,10 @@ def run_grid(
     A job that fails is recorded (``status``, ``logs/``) and never raised: a cell without a record
     after the call is a failed one.
 
-    ``workers`` parallel workers (local default: one per visible GPU, else one, in this
-    process); ``backend="ray"`` runs the jobs as Ray tasks (``address``: an existing cluster).
+    ``workers`` parallel workers or ``jobs_per_gpu`` of them per GPU (:func:`place_workers`;
+    default on the CPU: usable cores / ``threads_per_job``, on CUDA: one per visible GPU); one
+    worker runs in this process, more are spawned, never more than there are jobs.
+    ``backend="ray"`` runs the jobs as Ray tasks (``address``: an existing cluster).
     At the end the run directory gets its tables, the figures its grid allows and report.html;
     ``tsne`` adds the t-SNE figure (it re-embeds test images through every panel's model).
     """
@@ -113,12 +99,17 @@ def run_grid(
         raise BenchError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
     if address is not None and backend != "ray":
         raise BenchError("--address is for --backend ray")
-    if workers is not None and workers < 1:
-        raise BenchError(f"--workers must be >= 1, got {workers}")
+    spec = str(device or config.device)
+    check_worker_options(spec, workers, jobs_per_gpu, config.threads_per_job)
     cells = compile_grid(config)  # validates names and parameters before any work
-    spec = device or config.device
     # Ray workers choose their own device; the driver's is for the figures only.
     dev = resolve_device(spec) if backend == "local" else None
+    devices: tuple[str, ...] = ()
+    if dev is not None:
+        gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
+        devices = place_workers(spec, gpus, usable_cores(), workers, jobs_per_gpu, config.threads_per_job)
+        if jobs_per_gpu is not None and not gpus:
+            print(f"note: no GPU visible, --jobs-per-gpu ignored; {len(devices)} CPU workers", file=sys.stderr)
     run_dir = Path(run_dir)
     paths = absolute_paths(paths)
     records = RecordStore(run_dir)
@@ -129,7 +120,7 @@ def run_grid(
         runner = CellRunner(config, paths, ArtifactStore(paths.cache_dir), dev or torch.device("cpu"))
         for dataset in {c.dataset.model_dump_json(exclude={"label"}): c.dataset for c in cells}.values():
             runner.dataset(dataset)
-    base = WorkerSpec(config, paths, str(dev) if dev else str(spec), None, plugin_modules(config))
+    base = WorkerSpec(config, paths, str(dev) if dev else spec, plugin_modules(config))
     with RunLock(run_dir):
         remove_stale_temps(run_dir)  # debris of a killed writer; the run lock says no one else writes here
         write_config_snapshot(config, run_dir)
@@ -137,7 +128,8 @@ def run_grid(
         book = JobBook(run_dir, uuid.uuid4().hex[:12])
         outcome = None
         if plan.jobs:
-            executor = make_executor(backend, base, dev, workers, address, runner)
+            executor = make_executor(backend, base, devices[: len(plan.jobs)], address, runner,
+                                     workers=workers, jobs_per_gpu=jobs_per_gpu)  # fmt: skip
             runner = None  # spawned workers load their own data
             book.begin(plan, backend=backend, workers=executor.slots)
             try:

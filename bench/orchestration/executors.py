@@ -4,7 +4,9 @@ Every backend runs the same function, :func:`run_job`, inside a worker that keep
 :class:`bench.orchestration.runner.CellRunner` for its whole life: datasets are decoded once per worker and
 the most recent backdoored model stays in memory, so a worker that evaluates the cells of the
 model it just trained never reloads it. A job that raises never takes the worker down: the
-exception comes back as a failed :class:`JobResult` with its traceback.
+exception comes back as a failed :class:`JobResult` with its traceback. Every job runs under
+the grid's compute settings (:func:`bench.core.determinism.compute_settings`: ``threads_per_job``
+intra-op threads, ``deterministic`` kernels), so where it runs never changes its numbers.
 
 Executors expose *slots* (one per worker). The scheduler (:mod:`bench.orchestration.scheduler`) starts a job
 on a free slot and waits for results; it alone decides the order, so every backend behaves alike.
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench.core.data import DataPaths
+from bench.core.determinism import compute_settings, start_worker_process, worker_environment
 from bench.orchestration.config import GridConfig
 from bench.orchestration.plan import Job
 
@@ -37,7 +40,6 @@ class WorkerSpec:
     config: GridConfig
     paths: DataPaths
     device: str  # resolved inside the worker: "cpu", "cuda:1", ...
-    threads: int | None = None  # torch intra-op threads; None leaves the process default
     plugin_modules: tuple[str, ...] = ()  # modules that registered the grid's plugins
 
 
@@ -83,8 +85,6 @@ def worker_runner(spec: WorkerSpec) -> Any:
 
         for module in spec.plugin_modules:
             importlib.import_module(module)
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
         device = resolve_device(spec.device)
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
@@ -97,12 +97,14 @@ def worker_name(extra: str = "") -> str:
 
 
 def run_job(spec: WorkerSpec, job: Job, runner: Any = None) -> JobResult:
-    """Compute one job; never raises (except KeyboardInterrupt): failures become results."""
+    """Compute one job under the grid's compute settings (threads, deterministic kernels), which
+    it restores afterwards; never raises (except KeyboardInterrupt): failures become results."""
     start = time.perf_counter()
     where = worker_name(spec.device)
     try:
-        runner = runner if runner is not None else worker_runner(spec)
-        record = execute_job(runner, job)
+        with compute_settings(spec.config.threads_per_job, spec.config.deterministic):
+            runner = runner if runner is not None else worker_runner(spec)
+            record = execute_job(runner, job)
     except Exception as err:
         return JobResult(job.job_id, False, error=error_line(err), traceback=traceback.format_exc(),
                          seconds=time.perf_counter() - start, worker=where)  # fmt: skip
@@ -141,7 +143,8 @@ class Executor(Protocol):
 
 
 class InlineExecutor:
-    """One slot, in this process: no start-up cost, plugins registered at run time work, pdb works."""
+    """One slot, in this process: no start-up cost, plugins registered at run time work, pdb works.
+    The process's thread count and deterministic mode are the job's while it runs, then restored."""
 
     slots = 1
 
@@ -183,6 +186,8 @@ def _process_main(slot: int, spec: WorkerSpec, tasks: Any, results: Any, parent_
     _exit_with_parent(parent_pid)
     from tqdm.auto import tqdm
 
+    start_worker_process(spec.config.threads_per_job)
+
     tqdm.set_lock(bar_lock)
     while True:
         job = tasks.get()
@@ -208,7 +213,8 @@ def _environ(**values: str):
 class ProcessExecutor:
     """N long-lived worker processes on this machine, worker ``i`` pinned to ``specs[i].device``.
 
-    Processes are spawned (not forked: CUDA and threaded BLAS do not survive a fork). Each
+    Processes are spawned (not forked: CUDA and threaded BLAS do not survive a fork), with their
+    thread pools sized to ``threads_per_job`` from the start (:func:`worker_environment`). Each
     worker's per-job progress bar gets its own terminal row below the grid bar. A worker that
     dies (out-of-memory kill, segfault) fails its job and is replaced.
     """
@@ -234,7 +240,9 @@ class ProcessExecutor:
             target=_process_main, name=f"bench-worker-{slot}", daemon=True,
             args=(slot, self.specs[slot], self._tasks[slot], self._results, os.getpid(), self._bar_lock),
         )  # fmt: skip
-        with _environ(TQDM_POSITION=str(slot + 1)):  # tqdm reads its defaults from TQDM_* at import
+        config = self.specs[slot].config
+        # tqdm reads its defaults from TQDM_* at import; thread pools and cuBLAS size themselves at start.
+        with _environ(TQDM_POSITION=str(slot + 1), **worker_environment(config.threads_per_job, config.deterministic)):
             proc.start()
         self._procs[slot] = proc
 

@@ -1,10 +1,11 @@
 """The Ray executor: each plan job is a Ray task; artifacts meet in the shared cache directory.
 
-``--backend ray`` without ``--address`` starts a private local Ray instance (``--workers`` CPUs
-when given); with ``--address`` it joins a running cluster (``auto``, ``HOST:PORT``). The
-driver keeps the plan and the scheduling, so a job is submitted only when its inputs exist and
-a slot is free; each task asks for one GPU when the cluster has GPUs, else for one CPU. Tasks
-reuse Ray's worker processes, and with them the process-wide runner of :mod:`bench.orchestration.executors`.
+``--backend ray`` without ``--address`` starts a private local Ray instance (``--workers`` x
+``threads_per_job`` CPUs when given); with ``--address`` it joins a running cluster (``auto``,
+``HOST:PORT``). The driver keeps the plan and the scheduling, so a job is submitted only when its
+inputs exist and a slot is free; each task asks for ``threads_per_job`` CPUs and, when the
+cluster has GPUs, a ``1 / jobs_per_gpu`` share of one. Tasks reuse Ray's worker processes, and
+with them the process-wide runner of :mod:`bench.orchestration.executors`.
 
 What a cluster needs: this package importable on every node (same version), and the cache
 directory (``--cache-dir``) and data root on a file system every node mounts at the same path;
@@ -16,25 +17,32 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from bench.core.determinism import start_worker_process, worker_environment
 from bench.core.errors import BenchError
 from bench.orchestration.executors import JobResult, WorkerSpec, error_line, failure, run_job
+from bench.orchestration.placement import place_workers
 from bench.orchestration.plan import Job
 
 
 def _ray_job(spec: WorkerSpec, job: Job) -> JobResult:
-    """Body of the Ray task: pin the assigned GPU or CPU count, then run the job."""
+    """Body of the Ray task: use the assigned GPU, if any, then run the job with the grid's threads."""
     import ray
 
-    context = ray.get_runtime_context()
-    cpus = int(context.get_assigned_resources().get("CPU", 1)) or 1
+    start_worker_process(spec.config.threads_per_job)  # Ray reuses workers: the first task sizes the pools
     device = "cuda:0" if ray.get_gpu_ids() else "cpu"  # Ray narrows CUDA_VISIBLE_DEVICES to the task's GPU
-    return run_job(replace(spec, device=device, threads=cpus), job)
+    return run_job(replace(spec, device=device), job)
 
 
 class RayExecutor:
-    """Run jobs as Ray tasks, at most ``slots`` at a time."""
+    """Run jobs as Ray tasks, at most ``slots`` at a time.
 
-    def __init__(self, spec: WorkerSpec, address: str | None = None, workers: int | None = None) -> None:
+    Each task asks for ``threads_per_job`` CPUs and, on a cluster with GPUs, ``1 / jobs_per_gpu``
+    of a GPU, so Ray packs ``jobs_per_gpu`` tasks on each GPU; ``slots`` follows
+    :func:`bench.orchestration.placement.place_workers` with the cluster's GPU and CPU counts.
+    """
+
+    def __init__(self, spec: WorkerSpec, address: str | None = None, workers: int | None = None,
+                 jobs_per_gpu: int | None = None) -> None:  # fmt: skip
         try:
             import ray
         except ImportError:
@@ -42,8 +50,9 @@ class RayExecutor:
                 "--backend ray needs Ray: pip install 'backdoor-bench[ray]' (or pip install ray)"
             ) from None
         self._ray = ray
+        threads = spec.config.threads_per_job
         if address is None:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=workers * threads if workers else None, include_dashboard=False, log_to_driver=False)
         else:
             try:
                 ray.init(address=address, log_to_driver=False)
@@ -56,12 +65,21 @@ class RayExecutor:
             raise BenchError(f"device {spec.device!r} requested but the Ray cluster has no GPU")
         if spec.device == "cpu":
             gpus = 0
-        self.slots = workers or gpus or max(1, int(resources.get("CPU", 1)))
-        options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-        self._task = ray.remote(max_retries=0, **options)(_ray_job)
+        device = "cpu" if spec.device == "cpu" else "cuda" if gpus else "auto"
+        try:
+            self.slots = len(place_workers(device, gpus, int(resources.get("CPU", 1)), workers, jobs_per_gpu, threads))
+        except BenchError:
+            ray.shutdown()
+            raise
+        options: dict[str, Any] = {"num_cpus": threads}
+        if gpus:
+            options["num_gpus"] = 1 / (jobs_per_gpu or 1)
+        env = worker_environment(threads, spec.config.deterministic)
+        self._task = ray.remote(max_retries=0, runtime_env={"env_vars": env}, **options)(_ray_job)
         self._spec = ray.put(spec)
         self._running: dict[Any, tuple[int, Job]] = {}
-        self._desc = f"ray task ({'1 GPU' if gpus else '1 CPU'})"
+        share = f"1/{jobs_per_gpu} GPU" if gpus and jobs_per_gpu and jobs_per_gpu > 1 else "1 GPU" if gpus else None
+        self._desc = f"ray task ({', '.join(filter(None, [share, f'{threads} CPU']))})"
 
     def where(self, slot: int) -> str:
         return f"{self._desc}, slot {slot}"

@@ -196,6 +196,9 @@ class CellRunner:
             "defense_cached": defense_cached,
             "seconds": {"data": t1 - t0, "model": t2 - t1, "defense": t3 - t2, "eval": t4 - t3, "total": t4 - t0},
             "device": str(self.device),
+            # How the job computed, beside the library versions: what else decides the bits.
+            "threads_per_job": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "versions": versions(),
             "config": self.config.resolved(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
