@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.orchestration.status import cell_statuses
 
     config = load_config(args.config, args.overrides)
-    run_dir = Path(args.out) if args.out else Path("results") / (config.name or Path(args.config).stem)
+    run_dir = Path(args.out) if args.out else Path("results") / str(config.name)  # a validated plain name
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path("results") / "cache"
     if args.dry_run:
         from bench.orchestration.dryrun import describe_plan
@@ -206,6 +206,8 @@ def cmd_show_triggers(args: argparse.Namespace) -> int:
     from bench.orchestration.config import PluginSpec, load_config
     from bench.report.triggers import default_specs, trigger_examples, write_trigger_grid
 
+    if Path(args.out).is_dir():
+        raise BenchError(f"--out {args.out} is a directory; give the path of the PNG file to write")
     if args.config:
         config = load_config(args.config)
         dataset, specs, target = config.datasets[0], config.attacks, config.poison.target
@@ -241,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except PermissionError as err:  # a path the user gave that this user may not read or write
+        print(f"error: {err.filename or err}: permission denied", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished cells are saved, rerun the same command to resume", file=sys.stderr)

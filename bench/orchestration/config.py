@@ -5,11 +5,19 @@ plugin entry is either a bare name (``badnets``) or a mapping with ``name`` and 
 (``{name: shrinkpad, pad: [2, 4, 8]}``); a list given for a defense's intensity parameter
 expands into one grid column per value. Validation (pydantic) happens before any work starts,
 and every problem is reported as one line naming the file and the offending key.
+
+YAML anchors and merge keys (``&refine`` ... ``<<: *refine``) are welcome, but aliases may not
+expand the document beyond :data:`MAX_YAML_NODES` values: a few hundred bytes of nested aliases
+("billion laughs") would otherwise expand into billions of values downstream. A grid's name
+names its run directory (``results/<name>``), so it is a plain slug, and a grid lists each
+dataset, model, attack and seed once (a repeated entry would silently merge into the same cells).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bench.core.determinism import Deterministic
 from bench.core.errors import BenchError
 from bench.nn.train import TrainRecipe
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # a run name: one plain path component
+MAX_NAME_LENGTH = 100
 
 
 class PluginSpec(BaseModel):
@@ -91,6 +102,38 @@ class GridConfig(BaseModel):
     # running ops that have no deterministic CUDA kernel and warns. No effect on CPU numbers.
     deterministic: Deterministic = False
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and (not NAME_PATTERN.match(v) or len(v) > MAX_NAME_LENGTH):
+            raise ValueError(f"must be a plain name of letters, digits, '.', '_' and '-' (not starting with '.' "
+                             f"or '-', at most {MAX_NAME_LENGTH} characters): it names the run directory "
+                             f"results/<name>; got {v!r}")  # fmt: skip
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        repeated = sorted({seed for seed in v if v.count(seed) > 1})
+        if repeated:
+            raise ValueError(f"seed {repeated[0]} is listed twice; list each seed once")
+        return v
+
+    @field_validator("datasets", "models", "attacks")
+    @classmethod
+    def _distinct_entries(cls, v: list[PluginSpec]) -> list[PluginSpec]:
+        """Two equal entries would be the same cells, merged silently and counted twice."""
+        seen: dict[str, PluginSpec] = {}
+        labels: dict[str, PluginSpec] = {}
+        for spec in v:
+            key = json.dumps([spec.name, spec.params], sort_keys=True, default=str)
+            if key in seen:
+                raise ValueError(f"{spec.display()!r} is listed twice; list each entry once")
+            if spec.display() in labels:
+                raise ValueError(f"two entries have the same label {spec.display()!r}; give them distinct 'label's")
+            seen[key] = labels[spec.display()] = spec
+        return v
+
     @field_validator("holdout")
     @classmethod
     def _holdout(cls, v: float) -> float:
@@ -118,6 +161,59 @@ class GridConfig(BaseModel):
 
 # ---------------------------------------------------------------------------- loading
 
+# Far above any real grid (hundreds of values), far below what exhausts memory downstream.
+MAX_YAML_NODES = 100_000
+
+
+class _TooLarge(yaml.YAMLError):
+    """The composed document, with its aliases expanded, is too large or recursive."""
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """How many values ``node`` stands for once every alias in it is expanded (memoised per node,
+    so the count itself stays cheap however often a node is aliased)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise _TooLarge("an alias refers to a collection that contains it (a recursive alias)")
+    active.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, memo, active)
+        if total > MAX_YAML_NODES:
+            raise _TooLarge(f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?)")
+    active.discard(key)
+    memo[key] = total
+    return total
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses documents whose aliases expand beyond :data:`MAX_YAML_NODES`."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node, {}, set())
+        return node
+
+
+def safe_load_bounded(text: str) -> Any:
+    """``yaml.safe_load`` with alias expansion bounded (see :class:`BoundedLoader`)."""
+    return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def default_name(path: Path) -> str:
+    """A run name from a config file's name: its stem with anything but ``[A-Za-z0-9._-]`` as '-'."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).lstrip(".-")[:MAX_NAME_LENGTH]
+    return slug or "grid"
+
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -137,8 +233,10 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
             raise BenchError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
+            value = safe_load_bounded(raw) if raw else ""
+        except _TooLarge as err:
+            raise BenchError(f"--set {key.strip()}: {err}") from None
+        except (yaml.YAMLError, RecursionError):
             value = raw
         pairs.append((key.strip(), value))
     return pairs
@@ -149,7 +247,18 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise BenchError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BenchError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                         "save it as UTF-8") from None  # fmt: skip
+    except OSError as err:
+        raise BenchError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        data = safe_load_bounded(text)
+    except _TooLarge as err:
+        raise BenchError(f"{path}: refusing the YAML: {err}") from None
+    except RecursionError:
+        raise BenchError(f"{path}: the YAML is nested too deeply") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -179,5 +288,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> GridCon
     raw = copy.deepcopy(raw)
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
-    raw.setdefault("name", path.stem)
+    if raw.get("name") is None:
+        raw["name"] = default_name(path)
     return validate(raw, str(path))

@@ -34,7 +34,7 @@ from bench.orchestration.executors import (
 from bench.orchestration.grid import Cell, compile_grid
 from bench.orchestration.locks import RunLock
 from bench.orchestration.placement import check_worker_options, place_workers
-from bench.orchestration.plan import build_plan
+from bench.orchestration.plan import build_plan, check_distinct_cells
 from bench.orchestration.runner import CellRunner
 from bench.orchestration.scheduler import execute_plan
 from bench.orchestration.status import JobBook
@@ -102,6 +102,7 @@ def run_grid(
     spec = str(device or config.device)
     check_worker_options(spec, workers, jobs_per_gpu, config.threads_per_job)
     cells = compile_grid(config)  # validates names and parameters before any work
+    check_distinct_cells(cells)
     # Ray workers choose their own device; the driver's is for the figures only.
     dev = resolve_device(spec) if backend == "local" else None
     devices: tuple[str, ...] = ()

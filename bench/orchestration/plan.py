@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.core.errors import BenchError
 from bench.core.records import RecordStore
 from bench.core.registry import ATTACKS
 from bench.orchestration.config import GridConfig
@@ -116,8 +117,20 @@ def _planned(plan: Plan, artifacts: ArtifactStore, kind: str, key: str) -> bool:
     return f"{prefix}-{key}" in plan.jobs or not artifacts.exists(kind, key)
 
 
+def check_distinct_cells(cells: list[Cell]) -> None:
+    """Refuse two grid entries that resolve to the same cell (one spells out a parameter's default
+    value, the other leaves it out): they would merge silently and be counted twice."""
+    first: dict[str, Cell] = {}
+    for cell in cells:
+        other = first.setdefault(cell.cell_id, cell)
+        if other is not cell:
+            raise BenchError(f"two grid entries are the same cell: '{cell_label(other)}' and '{cell_label(cell)}' "
+                             "(equal once defaults are filled in); list each once")  # fmt: skip
+
+
 def build_plan(cells: list[Cell], records: RecordStore, artifacts: ArtifactStore, config: GridConfig) -> Plan:
     """Plan the jobs that remain: skip finished cells and artifacts already in the cache."""
+    check_distinct_cells(cells)
     plan = Plan(cells)
     for cell in cells:
         if records.has(cell.cell_id):
