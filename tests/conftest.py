@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,38 @@ def cifar_paths(session_cache: Path) -> DataPaths:
 @pytest.fixture(scope="session")
 def cifar10(cifar_paths: DataPaths) -> DataSplit:
     return load_dataset("cifar10", cifar_paths)
+
+
+def few_real_jpegs(dest: Path, per_class: int = 3, classes: tuple[str, ...] = ("cat", "dog", "ship")) -> dict[str, int]:
+    """Extract a handful of real CIFAR-10 JPEGs from the shared tarball into an image-folder tree."""
+    root = cifar_root()
+    if root is None:
+        pytest.skip("the shared CIFAR-10 JPEG tarball is not available")
+    taken: dict[tuple[str, str], int] = {}
+    with tarfile.open(next(root.glob("*.tar.gz"))) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 3 or parts[1] not in classes:
+                continue
+            key = (parts[0], parts[1])
+            if taken.get(key, 0) < per_class:
+                tar.extract(member, dest, filter="data")
+                taken[key] = taken.get(key, 0) + 1
+            if len(taken) == 2 * len(classes) and all(v == per_class for v in taken.values()):
+                break
+    return {f"{s}/{c}": n for (s, c), n in taken.items()}
+
+
+@pytest.fixture(scope="session")
+def small_cifar_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real-image CIFAR-10 tarball in the shared one's layout, one JPEG per class and split."""
+    from bench.core.data import CIFAR10_CLASSES
+
+    base = tmp_path_factory.mktemp("small-cifar")
+    few_real_jpegs(base / "tree", per_class=1, classes=tuple(CIFAR10_CLASSES))
+    tarball = base / "root" / "cifar10-jpg.tar.gz"
+    tarball.parent.mkdir()
+    with tarfile.open(tarball, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(base / "tree" / split, arcname=split)
+    return tarball

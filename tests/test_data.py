@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import tarfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from bench.core.data import DataPaths, load_dataset, stratified_split
 from bench.core.errors import BenchError
-from tests.conftest import cifar_root
+from tests.conftest import few_real_jpegs
 
 
 def test_mnist5k_is_real_stratified_and_uint8(mnist):
@@ -38,28 +36,8 @@ def test_stratified_split_exact_size_and_proportions():
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
-def _few_real_jpegs(dest: Path, per_class: int = 3) -> dict[str, int]:
-    """Extract a handful of real CIFAR-10 JPEGs from the shared tarball into an image-folder tree."""
-    root = cifar_root()
-    if root is None:
-        pytest.skip("the shared CIFAR-10 JPEG tarball is not available")
-    taken: dict[tuple[str, str], int] = {}
-    with tarfile.open(next(root.glob("*.tar.gz"))) as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if not member.isfile() or len(parts) != 3 or parts[1] not in ("cat", "dog", "ship"):
-                continue
-            key = (parts[0], parts[1])
-            if taken.get(key, 0) < per_class:
-                tar.extract(member, dest, filter="data")
-                taken[key] = taken.get(key, 0) + 1
-            if len(taken) == 6 and all(v == per_class for v in taken.values()):
-                break
-    return {f"{s}/{c}": n for (s, c), n in taken.items()}
-
-
 def test_image_folder_loader_on_real_jpegs(tmp_path):
-    counts = _few_real_jpegs(tmp_path / "tree")
+    counts = few_real_jpegs(tmp_path / "tree")
     assert counts == {f"{s}/{c}": 3 for s in ("train", "test") for c in ("cat", "dog", "ship")}
     paths = DataPaths(tmp_path / "tree", tmp_path / "cache")
     split = load_dataset("imagefolder", paths)

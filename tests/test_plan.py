@@ -110,7 +110,10 @@ def test_plan_skips_finished_records_and_cached_artifacts(tmp_path, shared_fit):
     artifacts, records = ArtifactStore(tmp_path / "cache"), RecordStore(tmp_path / "run")
     cached = cells[0]
     artifacts.save("models", cached.model_key, {"w": torch.zeros(1)})
-    records.write({"cell_id": cells[1].cell_id})
+    done = cells[1]
+    records.write({"cell_id": done.cell_id, "dataset": done.dataset.name, "model": done.model.name,
+                   "attack_label": done.attack_label, "defense_label": done.defense_label, "seed": done.seed,
+                   "ba": 90.0, "asr": 5.0})  # fmt: skip
     plan = build_plan(cells, records, artifacts, config)
     assert plan.done_cells == {cells[1].cell_id}
     assert f"model-{cached.model_key}" not in plan.jobs

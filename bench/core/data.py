@@ -6,16 +6,22 @@ these tensors in batches; nothing downstream ever touches a PIL image or a DataL
 
 Decoding image files is the slow part (tens of seconds for CIFAR-10 as JPEGs), so decoded
 tensors are cached on disk, keyed by the source path, size and modification time: the second
-load is a single ``torch.load``.
+load is a single ``torch.load``. The cache may be shared by concurrent runs: each entry is built
+under its own lock and published atomically (:mod:`bench.core.locks`), and carries a checksum, so
+a damaged entry is rebuilt instead of used.
+
+Data files are only ever decoded, never executed: CIFAR-10's pickled batches go through a
+restricted unpickler (:mod:`bench.core.pickled_batches`), and archive members that would land
+outside their folder make the whole archive refused. Bad data stops with one line naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
-import pickle
-import shutil
 import tarfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +32,12 @@ import torch
 from torch import Tensor
 
 from bench.core.errors import BenchError
-from bench.core.files import atomic_torch_save
+from bench.core.files import discard_damaged, load_checksummed, remove_path, save_checksummed, temp_path
+from bench.core.locks import lock_for, remove_temps_of
+from bench.core.pickled_batches import load_batch
 from bench.core.registry import DATASETS
+
+DATA_CACHE_DIR = "data"  # <cache_dir>/data: decoded tensors and unpacked tarballs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CIFAR10_CLASSES = [
@@ -94,10 +104,11 @@ def load_dataset(
     each image dozens of times) on part of the test set instead of all of it.
     """
     loader: Callable[..., DataSplit] = DATASETS.get(name)
-    try:
-        split = loader(paths, **params)
+    try:  # check the parameters against the loader's signature, so that a TypeError from inside
+        inspect.signature(loader).bind(paths, **params)  # the loader is never blamed on them
     except TypeError as err:
         raise BenchError(f"dataset {name!r}: bad parameters {params}: {err}") from None
+    split = loader(paths, **params)
     return subsample(split, train_subset, test_subset)
 
 
@@ -146,14 +157,23 @@ def _source_key(path: Path, extra: str = "") -> str:
 
 
 def _cached(cache_file: Path, build: Callable[[], dict]) -> dict:
-    """Load ``cache_file`` if it is readable, else build the payload and save it atomically."""
-    if cache_file.exists():
-        try:
-            return torch.load(cache_file, weights_only=True)
-        except Exception:
-            cache_file.unlink(missing_ok=True)  # a corrupt cache is rebuilt, never trusted
-    payload = build()
-    atomic_torch_save(payload, cache_file)
+    """Load ``cache_file`` if it verifies, else build the payload and publish it atomically.
+
+    Building happens under the entry's lock: a second process that needs the same entry waits,
+    then loads what the first one built. A damaged entry (checksum mismatch, truncated file) is
+    rebuilt, never trusted; one this user may not read is an error, never deleted.
+    """
+    payload = load_checksummed(cache_file)
+    if payload is not None:
+        return payload
+    with lock_for(cache_file):
+        payload = load_checksummed(cache_file)  # built by another process while this one waited
+        if payload is None:
+            if cache_file.exists():
+                discard_damaged(cache_file)
+            remove_temps_of(cache_file)  # a killed writer's debris; the lock says none is alive
+            payload = build()
+            save_checksummed(payload, cache_file)
     return payload
 
 
@@ -189,50 +209,88 @@ def load_mnist5k(paths: DataPaths, train_size: int = 4000, split_seed: int = 0) 
 # --------------------------------------------------------------------------- image folders
 
 
+RESIZE_HINT = "set the dataset's 'resize' parameter (e.g. {name: imagefolder, root: DIR, resize: 32})"
+
+
 def _decode(path: Path, mode: str, resize: int | None) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert(mode)
-        if resize is not None and img.size != (resize, resize):
-            img = img.resize((resize, resize), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode)
+            if resize is not None and img.size != (resize, resize):
+                img = img.resize((resize, resize), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        # Not an image, a truncated or corrupt one, or unreadable: name the file, once.
+        raise BenchError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _read_split(split_dir: Path, classes: list[str], mode: str, resize: int | None) -> tuple[Tensor, Tensor]:
+def _list_dir(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))  # hidden files are no data
+    except OSError as err:
+        raise BenchError(f"cannot list {folder}: {err.strerror or err}") from None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files of a class folder; an entry with an image name that is no file is an error."""
+    files = [p for p in _list_dir(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
+    for path in files:
+        if not path.is_file():
+            raise BenchError(f"{path} has an image name but is not a file; move it out of {folder}")
+    return files
+
+
+def _decode_all(files: list[Path], mode: str, resize: int | None) -> list[np.ndarray]:
+    """Decode in threads (PIL releases the GIL); the first bad file stops the rest."""
+    pool = ThreadPoolExecutor(min(8, (os.cpu_count() or 1) * 2))
+    try:
+        return list(pool.map(lambda p: _decode(p, mode, resize), files, chunksize=256))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_split(
+    split_dir: Path, classes: list[str], mode: str, resize: int | None, size_hint: str
+) -> tuple[Tensor, Tensor]:
     files: list[Path] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):
-        cls_files = sorted(p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        cls_files = _image_files(split_dir / cls)
         files += cls_files
         labels += [label] * len(cls_files)
     if not files:
         raise BenchError(f"no images found under {split_dir}")
-    workers = min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        arrays = list(pool.map(lambda p: _decode(p, mode, resize), files, chunksize=256))
-    shapes = {a.shape for a in arrays}
+    arrays = _decode_all(files, mode, resize)
+    shapes: dict[tuple[int, ...], Path] = {}
+    for path, arr in zip(files, arrays):
+        shapes.setdefault(arr.shape, path)
     if len(shapes) > 1:
-        raise BenchError(
-            f"images under {split_dir} have different sizes {sorted(shapes)[:3]}...; "
-            "set the dataset's 'resize' parameter"
-        )
+        examples = ", ".join(f"{p} is {s[1]}x{s[0]}" for s, p in list(shapes.items())[:2])
+        raise BenchError(f"images under {split_dir} have different sizes ({examples}); {size_hint}")
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(labels, dtype=torch.int64)
 
 
-def read_image_folder(root: Path, mode: str = "RGB", resize: int | None = None) -> dict:
-    """Decode ``root/train/<class>/*`` and ``root/test/<class>/*`` into tensor payloads."""
+def read_image_folder(
+    root: Path, mode: str = "RGB", resize: int | None = None, size_hint: str = RESIZE_HINT
+) -> dict:
+    """Decode ``root/train/<class>/*`` and ``root/test/<class>/*`` into tensor payloads.
+
+    ``size_hint`` is the advice shown when the images differ in size (what the calling dataset
+    offers to fix it).
+    """
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise BenchError(f"image folder {root} has no '{split}/' directory (expected {split}/<class>/<image>)")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    test_classes = sorted(p.name for p in (root / "test").iterdir() if p.is_dir())
+    classes = [p.name for p in _list_dir(root / "train") if p.is_dir()]
+    test_classes = [p.name for p in _list_dir(root / "test") if p.is_dir()]
     if not classes or classes != test_classes:
         raise BenchError(f"image folder {root}: train/ and test/ must hold the same class folders")
-    train_x, train_y = _read_split(root / "train", classes, mode, resize)
-    test_x, test_y = _read_split(root / "test", classes, mode, resize)
+    train_x, train_y = _read_split(root / "train", classes, mode, resize, size_hint)
+    test_x, test_y = _read_split(root / "test", classes, mode, resize, size_hint)
     return {"classes": classes, "train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
@@ -247,7 +305,8 @@ def load_image_folder(
     if mode not in ("RGB", "L"):
         raise BenchError(f"imagefolder: mode must be 'RGB' or 'L', got {mode!r}")
     key = _source_key(folder / "train", f"{mode}|{resize}")
-    payload = _cached(paths.cache_dir / "data" / f"imagefolder-{key}.pt", lambda: read_image_folder(folder, mode, resize))
+    cache_file = paths.cache_dir / DATA_CACHE_DIR / f"imagefolder-{key}.pt"
+    payload = _cached(cache_file, lambda: read_image_folder(folder, mode, resize))
     return _split_from_payload(name, payload)
 
 
@@ -258,10 +317,11 @@ def _read_cifar_batches(folder: Path) -> dict:
     def read(names: list[str]) -> tuple[Tensor, Tensor]:
         xs, ys = [], []
         for name in names:
-            with open(folder / name, "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")
-            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch["labels"], dtype=np.int64))
+            if not (folder / name).is_file():
+                raise BenchError(f"CIFAR-10 batches at {folder}: {name} is missing")
+            batch = load_batch(folder / name)  # never pickle.load: a crafted batch file would run code
+            xs.append(batch["data"].reshape(-1, 3, 32, 32))
+            ys.append(batch["labels"])
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
     train_x, train_y = read([f"data_batch_{i}" for i in range(1, 6)])
@@ -269,18 +329,51 @@ def _read_cifar_batches(folder: Path) -> dict:
     return {"classes": CIFAR10_CLASSES, "train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
-def _unpack_tarball(tarball: Path, cache_dir: Path) -> Path:
-    """Unpack an image-folder tarball once into the cache; return the folder holding train/ and test/."""
-    target = cache_dir / "data" / f"unpacked-{_source_key(tarball)}"
-    if not (target / ".complete").exists():
-        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+def _extract_checked(tarball: Path, dest: Path) -> None:
+    """Extract every member into ``dest`` after checking them all: a member that would land
+    outside ``dest`` (absolute path, ``..``, a link pointing out, a device file) refuses the
+    whole archive, so nothing of a hostile archive is written; a truncated or corrupt archive
+    is one clear error."""
+    try:
         with tarfile.open(tarball) as tar:
-            tar.extractall(tmp, filter="data")
-        (tmp / ".complete").touch()
-        shutil.rmtree(target, ignore_errors=True)  # a partial unpack from a killed run
-        tmp.replace(target)
+            members = tar.getmembers()  # reads the whole archive: a truncated one fails here
+            for member in members:
+                try:
+                    tarfile.data_filter(member, str(dest))
+                except tarfile.FilterError as err:
+                    raise BenchError(f"{tarball}: refusing the archive: member {member.name!r} would be unpacked "
+                                     f"outside its folder or is no plain file ({err})") from None  # fmt: skip
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        raise BenchError(f"{tarball} is truncated or not a valid .tar.gz ({type(err).__name__}: {err})") from None
+    except OSError as err:
+        raise BenchError(f"cannot unpack {tarball}: {err.strerror or err}") from None
+
+
+def _unpack_tarball(tarball: Path, cache_dir: Path) -> Path:
+    """Unpack an image-folder tarball once into the cache; return the folder holding train/ and test/.
+
+    The archive is unpacked into a temporary folder under the entry's lock and renamed into place
+    when complete, so concurrent runs never see half an unpack and a failed or killed unpack
+    leaves nothing behind once the next one sweeps its debris.
+    """
+    target = cache_dir / DATA_CACHE_DIR / f"unpacked-{_source_key(tarball)}"
+    if not (target / ".complete").exists():
+        with lock_for(target):
+            if not (target / ".complete").exists():
+                remove_temps_of(target)  # killed unpacks; the lock says none is alive
+                for legacy in target.parent.glob(f"{target.name}.tmp[0-9]*"):  # the same, named by older versions
+                    remove_path(legacy)
+                remove_path(target)  # incomplete
+                tmp = temp_path(target)
+                tmp.mkdir(parents=True)
+                try:
+                    _extract_checked(tarball, tmp)
+                    (tmp / ".complete").touch()
+                    tmp.rename(target)
+                except BaseException:
+                    remove_path(tmp)
+                    raise
     for candidate in [target, *sorted(p for p in target.iterdir() if p.is_dir())]:
         if (candidate / "train").is_dir() and (candidate / "test").is_dir():
             return candidate
@@ -303,6 +396,10 @@ def _find_cifar10(root: Path) -> tuple[str, Path] | None:
     return None
 
 
+CIFAR10_SIZE_HINT = ("CIFAR-10 images are all 32x32 RGB; for other image data use the 'imagefolder' "
+                     "dataset, which has a 'resize' parameter")
+
+
 @DATASETS.register("cifar10")
 def load_cifar10(paths: DataPaths, download: bool = True) -> DataSplit:
     """CIFAR-10 from the data root: official python batches, an image-folder tree, or its .tar.gz."""
@@ -317,17 +414,21 @@ def load_cifar10(paths: DataPaths, download: bool = True) -> DataSplit:
         )
     kind, location = found
     key = _source_key(location)
-    cache_file = paths.cache_dir / "data" / f"cifar10-{kind}-{key}.pt"
+    cache_file = paths.cache_dir / DATA_CACHE_DIR / f"cifar10-{kind}-{key}.pt"
     if kind == "batches":
         payload = _cached(cache_file, lambda: _read_cifar_batches(location))
     else:
         def build() -> dict:
             folder = _unpack_tarball(location, paths.cache_dir) if kind == "tarball" else location
-            return read_image_folder(folder)
+            return read_image_folder(folder, size_hint=CIFAR10_SIZE_HINT)
 
         payload = _cached(cache_file, build)
     if list(payload["classes"]) != CIFAR10_CLASSES:
         raise BenchError(f"CIFAR-10 at {location} has classes {payload['classes']}, expected {CIFAR10_CLASSES}")
+    shape = tuple(payload["train_x"].shape[1:])
+    if shape != (3, 32, 32) or tuple(payload["test_x"].shape[1:]) != shape:
+        raise BenchError(f"CIFAR-10 at {location} has images of shape {shape} (C, H, W), not 3x32x32; "
+                         f"{CIFAR10_SIZE_HINT}")  # fmt: skip
     return _split_from_payload("cifar10", payload)
 
 

@@ -3,35 +3,103 @@
 The orchestration layer writes them (one per cell, atomically); tables, figures and reports
 read them. A record holds the cell's metrics, its full configuration, seed, library versions
 and wall times (see :meth:`bench.orchestration.runner.CellRunner.run`).
+
+Records are written atomically, but a disk can still damage one, or a user can edit one. A record
+that does not parse, or is not an object with the keys every reader relies on, is moved aside to
+``<cell_id>.json.damaged`` with a one-line warning: its cell then counts as not done and is
+recomputed by the next run, and no reader ever crashes on it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.core.errors import BenchError
 from bench.core.files import atomic_write_json
+
+RECORDS_DIR = "records"
+DAMAGED_SUFFIX = ".damaged"
+# What tables, figures and status read from every record.
+REQUIRED_KEYS = ("cell_id", "dataset", "model", "attack_label", "defense_label", "seed", "ba", "asr")
+
+
+def record_problem(path: Path) -> tuple[dict | None, str | None]:
+    """(the record, None) when ``path`` holds a whole record, else (None, what is wrong with it)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except FileNotFoundError:
+        return None, "missing"
+    except PermissionError:
+        raise BenchError(f"cannot read {path}: permission denied") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        return None, f"not valid JSON ({err})"
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not an object"
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        return None, f"no {', '.join(missing)}"
+    if record["cell_id"] != Path(path).stem:
+        return None, f"cell_id {record['cell_id']!r} does not match its file name"
+    for key in ("ba", "asr"):
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, f"{key} is {value!r}, not a number"
+    return record, None
 
 
 class RecordStore:
     """One JSON file per finished grid cell: ``<run_dir>/records/<cell_id>.json``."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.dir = Path(run_dir) / "records"
+    def __init__(self, run_dir: Path, repair: bool = True) -> None:
+        """``repair=False`` only reads (``--dry-run``): a damaged record counts as missing but stays."""
+        self.dir = Path(run_dir) / RECORDS_DIR
+        self.repair = repair
 
     def path(self, cell_id: str) -> Path:
         return self.dir / f"{cell_id}.json"
 
+    def _load(self, path: Path) -> dict | None:
+        """The record at ``path``; a damaged one is moved aside (with a warning) and gives None."""
+        record, problem = record_problem(path)
+        if problem is None or problem == "missing" or not self.repair:
+            return record
+        aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            return None  # moved aside by another reader meanwhile
+        print(f"warning: {path} is damaged ({problem}); moved it aside to {aside.name}, its cell will be "
+              "recomputed", file=sys.stderr)  # fmt: skip
+        return None
+
+    def read(self, cell_id: str) -> dict | None:
+        """The cell's record, or None when there is none (or it was damaged and moved aside)."""
+        return self._load(self.path(cell_id))
+
     def has(self, cell_id: str) -> bool:
-        return self.path(cell_id).exists()
+        """Whether the cell has a whole record (a damaged one is moved aside and does not count)."""
+        return self.path(cell_id).exists() and self.read(cell_id) is not None
 
     def write(self, record: dict) -> None:
         atomic_write_json(record, self.path(record["cell_id"]))
 
     def read_all(self) -> Iterator[dict]:
+        """Every whole record, in file-name order; damaged ones are moved aside and skipped."""
         if not self.dir.is_dir():
             return
         for path in sorted(self.dir.glob("*.json")):
-            with open(path) as fh:
-                yield json.load(fh)
+            record = self._load(path)
+            if record is not None:
+                yield record
+
+    def damaged(self) -> dict[str, Path]:
+        """cell id -> the damaged record moved aside for it."""
+        if not self.dir.is_dir():
+            return {}
+        suffix = ".json" + DAMAGED_SUFFIX
+        return {p.name.removesuffix(suffix): p for p in sorted(self.dir.glob("*" + suffix))}

@@ -19,6 +19,7 @@ from bench.core.registry import DEFENSES
 from bench.orchestration.config import GridConfig, PluginSpec
 from bench.orchestration.grid import Cell, compile_grid, instantiate
 from bench.orchestration.plan import Plan, build_plan, cell_label
+from bench.orchestration.rundir import check_run_dir
 from bench.orchestration.store import ArtifactStore
 
 
@@ -49,8 +50,9 @@ def _count(n: float | None) -> str:
 
 def describe_plan(config: GridConfig, run_dir: Path, cache_dir: Path) -> str:
     """A human-readable listing of the grid's cells and the work that remains."""
+    check_run_dir(run_dir)
     cells = compile_grid(config)
-    plan = build_plan(cells, RecordStore(run_dir), ArtifactStore(cache_dir), config)
+    plan = build_plan(cells, RecordStore(run_dir, repair=False), ArtifactStore(cache_dir), config)
     lines = [f"{len(cells)} cells in {config.name or 'the grid'} -> {run_dir}"]
     for cell in cells:
         state = "done" if cell.cell_id in plan.done_cells else "todo"

@@ -35,10 +35,11 @@ from bench.orchestration.grid import Cell, compile_grid
 from bench.orchestration.locks import RunLock
 from bench.orchestration.placement import check_worker_options, place_workers
 from bench.orchestration.plan import build_plan, check_distinct_cells
+from bench.orchestration.rundir import check_run_dir, claim_run_dir, remove_run_temps
 from bench.orchestration.runner import CellRunner
 from bench.orchestration.scheduler import execute_plan
 from bench.orchestration.status import JobBook
-from bench.orchestration.store import ArtifactStore, remove_stale_temps
+from bench.orchestration.store import ArtifactStore, sweep_cache
 from bench.report.page import make_figures
 from bench.report.tables import write_tables
 
@@ -112,6 +113,7 @@ def run_grid(
         if jobs_per_gpu is not None and not gpus:
             print(f"note: no GPU visible, --jobs-per-gpu ignored; {len(devices)} CPU workers", file=sys.stderr)
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)  # a file, or someone else's folder, is refused before any work
     paths = absolute_paths(paths)
     records = RecordStore(run_dir)
     runner = None
@@ -122,8 +124,10 @@ def run_grid(
         for dataset in {c.dataset.model_dump_json(exclude={"label"}): c.dataset for c in cells}.values():
             runner.dataset(dataset)
     base = WorkerSpec(config, paths, str(dev) if dev else spec, plugin_modules(config))
+    claim_run_dir(run_dir)
     with RunLock(run_dir):
-        remove_stale_temps(run_dir)  # debris of a killed writer; the run lock says no one else writes here
+        remove_run_temps(run_dir)  # debris of a killed writer; the run lock says no one else writes here
+        sweep_cache(paths.cache_dir)  # the same in the cache, where only temporaries without a live writer go
         write_config_snapshot(config, run_dir)
         plan = build_plan(cells, records, ArtifactStore(paths.cache_dir), config)
         book = JobBook(run_dir, uuid.uuid4().hex[:12])

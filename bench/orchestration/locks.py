@@ -1,14 +1,9 @@
-"""Inter-process locks: one per artifact in the shared cache, one per run directory.
-
-Two workers (processes on one machine, or Ray tasks on several machines sharing the cache
-directory) may reach the same missing artifact at the same time. The artifact lock makes the
-second one wait while the first trains it, then load the result instead of training it again.
-The locks are ``fcntl``/``flock`` based (the ``filelock`` package), so the kernel releases them
-when the holder dies: a killed worker never leaves a stale lock behind. On a network file
-system the locks need working POSIX locking (NFSv4, Lustre, GPFS and CephFS have it).
+"""Inter-process locks of the orchestration: one per run directory, and who holds what.
 
 The run lock keeps two drivers out of one run directory; a second ``run`` into a busy
 directory is a user error (exit 2) rather than two schedulers racing over the same records.
+Like the per-artifact cache locks (:mod:`bench.core.locks`) it is ``flock`` based, so the
+kernel releases it when its holder dies.
 """
 
 from __future__ import annotations
@@ -22,16 +17,7 @@ from types import TracebackType
 from filelock import FileLock, Timeout
 
 from bench.core.errors import BenchError
-from bench.core.files import read_json
-
-LOCK_DIR = "locks"
-
-
-def artifact_lock(cache_root: Path, kind: str, key: str) -> FileLock:
-    """The lock that guards the creation of ``<cache_root>/<kind>/<key>.pt``."""
-    path = Path(cache_root) / LOCK_DIR / f"{kind}-{key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(path)
+from bench.core.files import read_json_object
 
 
 def this_process() -> dict[str, object]:
@@ -44,7 +30,13 @@ def process_alive(info: dict | None) -> bool | None:
     if not info or info.get("host") != socket.gethostname():
         return None
     try:
-        os.kill(int(info["pid"]), 0)
+        pid = int(info["pid"])
+    except (KeyError, TypeError, ValueError):
+        return None  # a run.json without a usable pid
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -64,7 +56,7 @@ class RunLock:
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
-            holder = read_json(self.run_dir / "run.json") or {}
+            holder = read_json_object(self.run_dir / "run.json") or {}
             who = f" (pid {holder.get('pid')} on {holder.get('host')})" if holder else ""
             raise BenchError(f"another run is using {self.run_dir}{who}; wait for it or choose another --out") from None
         return self

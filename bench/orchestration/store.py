@@ -1,30 +1,30 @@
 """The artifact cache: checksummed, content-addressed torch payloads (models, defense states).
 
 Artifacts (trained models, fitted defense states) carry a SHA-256 of their payload; one that
-fails to load or to verify is treated as missing and recomputed. Files are written atomically
-(:mod:`bench.core.files`), and :func:`remove_stale_temps` sweeps what killed writers left.
+fails to load or to verify is treated as missing and recomputed, while one this user may not
+read is an error (it belongs to someone else; deleting it would be wrong). Files are written
+atomically under the artifact's lock (:mod:`bench.core.files`, :mod:`bench.core.locks`), and
+:func:`sweep_cache` removes what killed writers left.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 from pathlib import Path
 from typing import Any
 
-import torch
 from filelock import FileLock
 
-from bench.core.files import atomic_torch_save
+from bench.core.data import DATA_CACHE_DIR
+from bench.core.files import discard_damaged, load_checksummed, save_checksummed
+from bench.core.locks import artifact_lock, remove_temps_of, sweep_cache_temps
+
+# The cache's folders: what ArtifactStore users store, and the decoded datasets.
+ARTIFACT_KINDS = ("models", "defenses")
 
 
-def remove_stale_temps(root: Path) -> list[Path]:
-    """Delete the temporary files of writers killed before their rename (call under a lock)."""
-    removed = [p for p in Path(root).rglob(".*.tmp") if p.is_file()]
-    for path in removed:
-        path.unlink(missing_ok=True)
-    return removed
-
+def sweep_cache(cache_root: Path) -> list[Path]:
+    """Remove the temporaries of killed writers from the cache (never those of a live writer)."""
+    return sweep_cache_temps(cache_root, (DATA_CACHE_DIR, *ARTIFACT_KINDS))
 
 
 class ArtifactStore:
@@ -46,28 +46,20 @@ class ArtifactStore:
 
     def lock(self, kind: str, key: str) -> FileLock:
         """Hold it from a :meth:`load` miss to the :meth:`save`, so no two workers compute one artifact."""
-        from bench.orchestration.locks import artifact_lock
-
         return artifact_lock(self.root, kind, key)
 
     def load(self, kind: str, key: str) -> Any | None:
+        """The artifact, or None when it is missing or damaged (a damaged one is deleted, so that
+        it is rebuilt). Call under :meth:`lock`."""
         path = self.path(kind, key)
-        if not path.exists():
-            return None
-        try:
-            wrapper = torch.load(path, weights_only=True)
-            payload = wrapper["payload"]
-            if hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
-                raise ValueError("checksum mismatch")
-            return torch.load(io.BytesIO(payload), weights_only=True)
-        except Exception:
-            path.unlink(missing_ok=True)
-            return None
+        obj = load_checksummed(path)
+        if obj is None and path.exists():
+            discard_damaged(path)
+        return obj
 
     def save(self, kind: str, key: str, obj: Any) -> Path:
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        payload = buffer.getvalue()
+        """Write the artifact (call under :meth:`lock`), after removing what a killed writer of it left."""
         path = self.path(kind, key)
-        atomic_torch_save({"sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}, path)
+        remove_temps_of(path)
+        save_checksummed(obj, path)
         return path
