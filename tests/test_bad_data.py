@@ -35,7 +35,7 @@ def _grid(tmp_path: Path, dataset: dict | str) -> Path:
 def _run_error(tmp_path: Path, config: Path, *extra: str, capsys) -> str:
     """Run the CLI; assert exit 2 with exactly one line ``error: ...`` and no run directory."""
     code = main(["run", str(config), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
-                 "--device", "cpu", "--no-tsne", *extra])  # fmt: skip
+                 "--device", "cpu", "--no-tsne", "--workers", "1", *extra])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1, err

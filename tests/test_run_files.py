@@ -33,7 +33,7 @@ def _single_thread():
 
 def _args(config: Path, run_dir: Path, cache: Path, *extra: str) -> list[str]:
     return ["run", str(config), "--out", str(run_dir), "--cache-dir", str(cache), "--device", "cpu", "--no-tsne",
-            *extra]  # fmt: skip
+            "--workers", "1", *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_a_group_shared_run_and_cache_are_group_writable(tmp_path, umask):
 
     umask(0o007)
     config = load_config(write_grid(tmp_path / "grid.yaml", {**SMALL, "defenses": ["none"]}))
-    run_grid(config, tmp_path / "run", DataPaths(tmp_path / "data", tmp_path / "cache"), "cpu")
+    run_grid(config, tmp_path / "run", DataPaths(tmp_path / "data", tmp_path / "cache"), "cpu", workers=1)
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()] + \
         [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # fmt: skip
     assert len(files) > 10
