@@ -18,6 +18,7 @@ from bench.cli import main
 from bench.core.data import DataPaths, _source_key, load_dataset
 from bench.core.errors import BenchError
 from bench.core.files import atomic_write_bytes, temp_path
+from bench.orchestration.locks import RUN_LOCK_FILE
 from bench.orchestration.rundir import MARKER
 from bench.orchestration.store import ArtifactStore, sweep_cache
 
@@ -110,11 +111,17 @@ def test_sweep_removes_only_the_harness_temps_in_its_folders(tmp_path, finished)
     assert all(p.read_text() == "x" for p in mine)
 
 
-def test_an_earlier_run_without_a_marker_is_still_a_run(tmp_path, finished):
+def test_an_earlier_run_without_a_marker_is_still_a_run(tmp_path, finished, capsys):
     config, run_dir, cache = _copy_run(finished, tmp_path)
     (run_dir / MARKER).unlink()  # as written by a version before the marker
     assert main(_args(config, run_dir, cache)) == 0
     assert (run_dir / MARKER).exists()
+    # One killed before its first record: only the run lock's file and the job files.
+    killed = tmp_path / "killed"
+    (killed / "jobs").mkdir(parents=True)
+    (killed / RUN_LOCK_FILE).touch()
+    assert main(_args(config, killed, cache, "--dry-run")) == 0
+    assert "2 cells in grid -> " in capsys.readouterr().out
 
 
 # ------------------------------------------------------------- item: killed runs leave nothing

@@ -19,6 +19,8 @@ from filelock import FileLock, Timeout
 from bench.core.errors import BenchError
 from bench.core.files import read_json_object
 
+RUN_LOCK_FILE = ".run.lock"
+
 
 def this_process() -> dict[str, object]:
     """Who holds something: enough for ``status`` to tell a live driver from a dead one."""
@@ -49,7 +51,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self._lock = FileLock(self.run_dir / ".run.lock")
+        self._lock = FileLock(self.run_dir / RUN_LOCK_FILE)
 
     def __enter__(self) -> RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)

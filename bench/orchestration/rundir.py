@@ -16,17 +16,20 @@ from pathlib import Path
 from bench.core.errors import BenchError
 from bench.core.files import atomic_write_json, harness_temps, read_json_object, remove_path
 from bench.core.records import RECORDS_DIR
+from bench.orchestration.locks import RUN_LOCK_FILE
 
 MARKER = ".backdoor-bench-run"
 
 
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` is a run directory of this harness: it carries the marker, or it was
-    written by a version before the marker (records/ next to the config snapshot)."""
+    written by a version before the marker (which created the run lock's file first, and kept
+    records/ next to the config snapshot)."""
     path = Path(path)
     if read_json_object(path / MARKER) is not None:
         return True
-    return (path / RECORDS_DIR).is_dir() and (path / "config.yaml").is_file()
+    legacy_lock = (path / RUN_LOCK_FILE).is_file()
+    return legacy_lock or ((path / RECORDS_DIR).is_dir() and (path / "config.yaml").is_file())
 
 
 def check_run_dir(path: Path) -> None:
