@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="validate the config, list its cells and the work that remains; run nothing")
     run.add_argument("--no-tsne", action="store_true",
-                     help="skip the t-SNE figure at the end (it re-embeds test images through every panel's model)")
+                     help="skip the t-SNE figures at the end (the features are saved all the same: "
+                          "'plot tsne' draws them later)")
     run.add_argument("--workers", type=int, default=None, metavar="N",
                      help="worker processes in all, each running one job at a time (one runs in this process, "
                           "more are spawned). Default: on the CPU, usable cores / threads_per_job (jobs side by "
@@ -73,22 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="One figure per (defense with an intensity knob, attack) from the records.")
     tradeoff.add_argument("run_dir", help="a run directory written by 'run'")
     tsne = kinds.add_parser("tsne", help="t-SNE of benign and poisoned penultimate features, one panel per defense",
-                            description="Embed benign and poisoned test images through the run's cached models.")
+                            description="Embed the penultimate features of benign and poisoned test images that "
+                                        "the run's cells saved (no model or data is loaded).")
     tsne.add_argument("run_dir", help="a run directory written by 'run'")
     tsne.add_argument("--attack", action="append", metavar="LABEL", help="only this attack label (repeatable)")
     tsne.add_argument("--defense", action="append", metavar="LABEL",
                       help="panels for exactly these defense labels, in order (repeatable; default: no defense, "
                            "low and high intensity of each knob defense, every other defense)")
-    tsne.add_argument("--per-class", type=int, default=200, help="benign test images per class (default 200)")
-    tsne.add_argument("--poisoned-per-class", type=int, default=50,
-                      help="poisoned test images per true class (default 50)")
-    _common(tsne)
 
     report = sub.add_parser("report", help="rebuild a run's tables, figures and report.html",
                             description="Rewrite tables, trade-off figures and RUN_DIR/report.html from the records.")
     report.add_argument("run_dir", help="a run directory written by 'run'")
-    report.add_argument("--tsne", action="store_true", help="also (re)draw the t-SNE figure")
-    _common(report)
+    report.add_argument("--tsne", action="store_true", help="also (re)draw the t-SNE figures")
 
     sub.add_parser("list", help="list registered datasets, models, attacks and defenses",
                    description="List every registered plugin with a one-line description.")
@@ -161,12 +158,6 @@ def _run_dir(path: str) -> Path:
     return run_dir
 
 
-def _data_paths(args: argparse.Namespace):
-    from bench.core.data import DataPaths
-
-    return DataPaths.resolve(args.data_root, Path(args.cache_dir) if args.cache_dir else Path("results") / "cache")
-
-
 def cmd_plot(args: argparse.Namespace) -> int:
     from bench.report.page import write_report
 
@@ -181,8 +172,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     else:
         from bench.report.tsne import write_tsne_figures
 
-        pngs = write_tsne_figures(run_dir, _data_paths(args), args.device, args.attack, args.defense,
-                                  args.per_class, args.poisoned_per_class)  # fmt: skip
+        pngs = write_tsne_figures(run_dir, args.attack, args.defense)
+        if not pngs:
+            print("no t-SNE figure: no finished cell of the first seed has saved features")
     for png in pngs:
         print(f"{png} (+ .pdf)")
     write_report(run_dir)
@@ -195,7 +187,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     run_dir = _run_dir(args.run_dir)
     write_tables(run_dir)
-    for png in make_figures(run_dir, _data_paths(args), args.device, tsne=args.tsne):
+    for png in make_figures(run_dir, tsne=args.tsne):
         print(f"{png} (+ .pdf)")
     print(run_dir / "report.html")
     return 0

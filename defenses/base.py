@@ -9,7 +9,9 @@ Lifecycle, driven by the grid runner:
 4. ``defense.predict(x)`` -- logits of the defended classifier for float images in [0, 1].
 
 Input-transformation defenses override :meth:`transform` only: ``predict`` and ``features``
-(penultimate features for t-SNE) both see the transformed images. ``benign_fraction`` is the
+(penultimate features for t-SNE) both see the transformed images. Evaluation calls
+:meth:`predict_with_features`, which runs ``predict`` and keeps the penultimate features of the
+final forward pass, so the t-SNE sample costs nothing extra and no random draw changes. ``benign_fraction`` is the
 share of the *whole* training set the defense trains on; the runner draws it from the held-out
 clean split (``holdout`` in the grid config), so it cannot exceed the holdout.
 
@@ -88,6 +90,33 @@ class Defense:
         """Penultimate-layer features the frozen model computes on the transformed input."""
         assert self.model is not None, "bind() the defense to a model first"
         return self.model.features(self.transform(x))
+
+    def predict_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``predict(x)`` and the penultimate features its logits came from, from one pass.
+
+        The features are the input of the model's ``head`` in its last call during ``predict``
+        (every model computes ``head(features(x))``; a defense that queries the model while
+        transforming, as BDMAE does, makes its final call last). Going through ``predict`` itself
+        keeps whatever a subclass does there (REFINE's output mapping) and draws exactly the
+        random numbers ``predict`` draws, so BA and ASR are the same with or without the capture.
+        """
+        assert self.model is not None, "bind() the defense to a model first"
+        head = getattr(self.model, "head", None)
+        if not isinstance(head, nn.Module):
+            raise BenchError(f"defense {self.name!r}: the model has no 'head' layer to take penultimate features from")
+        last: list[Tensor] = []
+
+        def keep_input(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            last[:] = [inputs[0]]
+
+        handle = head.register_forward_hook(keep_input)
+        try:
+            logits = self.predict(x)
+        finally:
+            handle.remove()
+        if not last or last[0].shape[0] != logits.shape[0]:
+            raise BenchError(f"defense {self.name!r}: predict() did not end with one model call on the batch")
+        return logits, last[0]
 
     def describe(self) -> dict[str, Any]:
         """Parameters that determine the defense's effect (part of cache keys and records)."""

@@ -90,6 +90,22 @@ def reference_run(tmp_path_factory: Any) -> Path:
     return _REFERENCE["run"]
 
 
+def assert_same_features(run_dir: Path, reference: Path) -> None:
+    """Every cell saved the very features of the reference run (computed inline, in the driver)."""
+    import numpy as np
+
+    from bench.core.records import RecordStore
+
+    mine, theirs = RecordStore(run_dir), RecordStore(reference)
+    cell_ids = sorted(p.stem for p in (reference / "records").glob("*.json"))
+    assert sorted(p.stem for p in (run_dir / "features").glob("*.npz")) == cell_ids
+    for cell_id in cell_ids:
+        a, b = mine.read_features(cell_id), theirs.read_features(cell_id)
+        assert a is not None and b is not None
+        for name in ("benign", "poisoned", "benign_labels", "poisoned_labels"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), f"{cell_id}: {name} differ"
+
+
 def assert_complete_files(run_dir: Path, allow_temps: bool = False) -> None:
     """Every JSON file parses and every record is a whole record; no temporary file is left
     behind unless ``allow_temps`` (a writer killed between writing and renaming leaves one,

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from bench.core.data import subsample
 from bench.core.device import to_float
 from bench.core.errors import BenchError
+from bench.core.models import build_model
 from bench.nn.mae import MAEConfig, MAERecipe, MaskedAutoencoder, load_mae_weights, random_token_masks, train_mae
 from bench.nn.ssim import ssim_map
 from defenses.bdmae import BDMAE, grid_adjacency, grow_regions, purification_masks, refine_scores, top_k_mask
@@ -250,6 +251,23 @@ def test_bdmae_without_restoration_is_the_identity_and_state_round_trips(fitted_
         twin.bind(fitted_bdmae.model, torch.device("cpu"), seed=5)
         twin.load_state(fitted_bdmae.state())
     assert torch.equal(twin_a.transform(x), twin_b.transform(x))  # same seed, same purification
+
+
+def test_bdmae_features_come_from_the_final_call_on_the_purified_images(fitted_bdmae: BDMAE, mnist) -> None:
+    """BDMAE queries the model dozens of times while purifying; the captured features are those of
+    the final call, and capturing them draws the same random masks as predict does."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1, width=4).eval()
+    x = to_float(mnist.test.x[:6])
+    twins = [BDMAE(init_rounds=2, refine_rounds=4, mae=TINY_MAE) for _ in range(3)]
+    for twin in twins:
+        twin.bind(model, torch.device("cpu"), seed=7)
+        twin.load_state(fitted_bdmae.state())
+    with torch.no_grad():
+        logits, features = twins[0].predict_with_features(x)
+        assert torch.equal(logits, twins[1].predict(x))
+        assert torch.equal(features, twins[2].features(x))
+        assert not torch.equal(features, model.features(x))  # the check can fail: purification changed the input
 
 
 def test_bdmae_parameters_are_validated() -> None:

@@ -72,7 +72,7 @@ def test_default_grid_meets_the_bar(tmp_path, capsys, monkeypatch):
     def no_redraw(*args, **kwargs):
         raise AssertionError("a finished grid redrew its t-SNE figure")
 
-    monkeypatch.setattr(bench.report.tsne, "write_tsne_figures", no_redraw)
+    monkeypatch.setattr(bench.report.tsne, "embed", no_redraw)
     assert main(argv) == 0  # the rerun only rebuilds tables and the report
     captured = capsys.readouterr()
     assert "(0 computed, 4 already done)" in captured.out and "warning" not in captured.err

@@ -1,25 +1,20 @@
-"""Trade-off curves and t-SNE figures: numbers from records, panel choice, and a real tiny run."""
+"""Trade-off curves: numbers from records, and a real tiny run (t-SNE figures: test_tsne.py)."""
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import bench.orchestration.runner
 from bench.core.data import DataPaths
-from bench.core.errors import BenchError
 from bench.core.records import RecordStore
 from bench.orchestration.config import validate
 from bench.orchestration.execute import run_grid
-from bench.orchestration.grid import compile_grid
 from bench.report.plots import tradeoff_groups, write_tradeoff_figures
 from bench.report.tables import records_frame
-from bench.report.tsne import choose_panels, embed, per_class_index, poison_to_target, write_tsne_figures
 
 PADS = [0, 2, 4, 6, 8, 10, 12]
 
@@ -88,40 +83,6 @@ def tiny_config(defenses: list) -> dict:
     }  # fmt: skip
 
 
-def test_choose_panels_defaults_and_explicit_labels() -> None:
-    cells = compile_grid(validate(tiny_config(["none", {"name": "shrinkpad", "pad": PADS}]), "test"))
-    assert [c.defense_label for c in choose_panels(cells)] == ["none", "shrinkpad(pad=2)", "shrinkpad(pad=12)"]
-    no_reference = compile_grid(validate(tiny_config([{"name": "shrinkpad", "pad": [0, 6]}]), "test"))
-    chosen = choose_panels(no_reference)
-    assert [c.defense.name for c in chosen] == ["none", "shrinkpad"] and chosen[1].intensity == 6
-    picked = choose_panels(cells, ["shrinkpad(pad=8)", "none"])
-    assert [c.defense_label for c in picked] == ["shrinkpad(pad=8)", "none"]
-    with pytest.raises(BenchError, match="no defense labelled"):
-        choose_panels(cells, ["refine"])
-
-
-def test_per_class_sample_is_balanced_and_seeded() -> None:
-    y = torch.tensor([0] * 10 + [1] * 3 + [2] * 7)
-    pick = per_class_index(y, 5, torch.Generator().manual_seed(1))
-    assert torch.bincount(y[pick]).tolist() == [5, 3, 5]
-    assert torch.equal(pick, per_class_index(y, 5, torch.Generator().manual_seed(1)))
-    assert not torch.equal(pick, per_class_index(y, 5, torch.Generator().manual_seed(2)))
-
-
-def test_poison_to_target_measures_the_nearest_centroid() -> None:
-    benign = np.array([[0.0, 0.0], [0.2, 0.0], [10.0, 0.0], [10.2, 0.0]])
-    labels = np.array([0, 0, 1, 1])
-    assert poison_to_target(benign, labels, np.array([[1.0, 0.0], [9.0, 0.0], [2.0, 1.0], [3.0, 0.0]]), 0) == 75.0
-    assert poison_to_target(benign, labels, np.array([[1.0, 0.0]]), 1) == 0.0
-
-
-def test_embed_is_deterministic_2d() -> None:
-    points = np.random.default_rng(0).normal(size=(60, 80))
-    a, b = embed(points, 3), embed(points, 3)
-    assert a.shape == (60, 2) and np.isfinite(a).all()
-    np.testing.assert_allclose(a, b)
-
-
 # ----------------------------------------------------------------------------- a real tiny run
 
 
@@ -164,36 +125,3 @@ def test_the_run_writes_tradeoff_figure_and_report(tradeoff_run: dict) -> None:
     assert not list((run / "figures").glob("tsne-*")), "t-SNE is opt-in for run_grid"
     long = pd.read_csv(run / "cells.csv")
     assert len(long) == 1 + len(PADS)
-
-
-def test_tsne_from_the_run_uses_cached_models_only(tradeoff_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    run = tradeoff_run["root"] / "run"
-    monkeypatch.setattr(bench.orchestration.runner, "train_classifier", lambda *a, **k: pytest.fail("t-SNE trained a model"))
-    (png,) = write_tsne_figures(run, tradeoff_run["paths"], "cpu", per_class=6, poisoned_per_class=3)
-    assert png.name == "tsne-mnist5k-test-subset-500-train-subset-2000-small-cnn-width-8-badnets.png"
-    assert png.with_suffix(".pdf").exists()
-    assert len(list((tradeoff_run["root"] / "cache" / "models").glob("*.pt"))) == 1
-    points = pd.read_csv(png.with_suffix(".csv"))
-    assert list(dict.fromkeys(points["panel"])) == ["none", "shrinkpad(pad=2)", "shrinkpad(pad=12)"]
-    per_panel = points[points["panel"] == "none"]
-    assert per_panel["poisoned"].sum() == 3 * 9 and (~per_panel["poisoned"]).sum() == 6 * 10
-    assert 0 not in set(per_panel.loc[per_panel["poisoned"], "label"])  # target-class images are excluded
-
-
-def test_tsne_refuses_to_retrain_without_the_run_cache(tradeoff_run: dict, tmp_path: Path) -> None:
-    with pytest.raises(BenchError, match="--cache-dir"):
-        write_tsne_figures(tradeoff_run["root"] / "run", DataPaths(tmp_path, tmp_path / "empty"), "cpu", per_class=2)
-    assert not (tmp_path / "empty" / "models").exists()
-
-
-def test_tsne_default_panels_skip_unfinished_cells(tradeoff_run: dict, tmp_path: Path) -> None:
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(tradeoff_run["root"] / "run", run)
-    (last,) = [r for r in RecordStore(run).read_all() if r["intensity"] == PADS[-1]]
-    RecordStore(run).path(last["cell_id"]).unlink()  # as if the pad-12 cell had failed
-    (png,) = write_tsne_figures(run, tradeoff_run["paths"], "cpu", attacks=["badnets"], per_class=3,
-                                poisoned_per_class=2)  # fmt: skip
-    panels = list(dict.fromkeys(pd.read_csv(png.with_suffix(".csv"))["panel"]))
-    assert panels == ["none", "shrinkpad(pad=2)", f"shrinkpad(pad={PADS[-2]})"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from gridrun import assert_complete_files, reference_run, run_cli, write_grid
+from gridrun import assert_complete_files, assert_same_features, reference_run, run_cli, write_grid
 
-pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]' (the dev extra includes it)")
+pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
 
 pytestmark = pytest.mark.slow
 
@@ -28,4 +28,5 @@ def test_ray_backend_gives_the_local_table(tmp_path_factory, tmp_path):
     records = [json.loads(p.read_text()) for p in (tmp_path / "run" / "records").glob("*.json")]
     assert {r["threads_per_job"] for r in records} == {1}  # the grid's threads_per_job
     assert (tmp_path / "run" / "table.md").read_text() == (reference / "table.md").read_text()
+    assert_same_features(tmp_path / "run", reference)  # computed in worker processes, saved by the driver
     assert_complete_files(tmp_path / "run")

@@ -73,6 +73,8 @@ def test_prediction_is_pi_of_the_models_argmax_on_the_transformed_input(digit_mo
         assert transformed.min() >= 0 and transformed.max() <= 1 and transformed.shape == x.shape
         assert torch.equal(defense.predict(x).argmax(1), defense.permutation[raw])
         assert torch.equal(defense.features(x), digit_model.features(transformed))
+        logits, features = defense.predict_with_features(x)  # the evaluation's path: the mapping included
+        assert torch.equal(logits, defense.predict(x)) and torch.equal(features, digit_model.features(transformed))
     assert not (defense.permutation == torch.arange(10)).any()
 
 

@@ -196,7 +196,7 @@ def test_report_page_has_table_figures_and_config(tmp_path: Path) -> None:
 
 def test_cli_report_and_plot_on_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_records(tmp_path, hand_made_records())
-    assert main(["report", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "report.html").exists() and (tmp_path / "table.tex").exists()
     assert main(["plot", "tradeoff", str(tmp_path)]) == 0
     assert "no trade-off figure" in capsys.readouterr().out  # one ShrinkPad intensity only

@@ -12,6 +12,7 @@ from gridrun import (
     N_CELLS,
     REPO,
     assert_complete_files,
+    assert_same_features,
     cli_command,
     cli_env,
     reference_run,
@@ -103,5 +104,6 @@ def test_killed_run_resumes_without_recomputing(tmp_path_factory):
 
     assert len(_records(run_dir)) == N_CELLS
     assert (run_dir / "table.md").read_text() == (reference / "table.md").read_text()
+    assert_same_features(run_dir, reference)  # computed in worker processes, saved by the driver
     assert_complete_files(run_dir)
     assert {c.state for c in run_status(run_dir)[1]} == {"done"}

@@ -78,6 +78,18 @@ class PoisonSettings(BaseModel):
         return v
 
 
+class TsneSettings(BaseModel):
+    """The t-SNE sample every cell saves the features of (see :mod:`bench.core.tsne_sample`).
+
+    The sample is drawn when a cell is computed, so a change here applies to cells computed
+    after it; ``per_class: 0`` saves no features (and so draws no t-SNE figure).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    per_class: int = Field(200, ge=0, description="benign test images per class")
+    poisoned_per_class: int = Field(50, ge=0, description="poisoned test images per true class")
+
+
 class GridConfig(BaseModel):
     """A whole grid: the lists whose product is the set of cells, plus shared settings."""
 
@@ -101,6 +113,7 @@ class GridConfig(BaseModel):
     # torch's deterministic algorithms (and cuDNN without autotuning) for every job; "warn" keeps
     # running ops that have no deterministic CUDA kernel and warns. No effect on CPU numbers.
     deterministic: Deterministic = False
+    tsne: TsneSettings = Field(default_factory=TsneSettings)
 
     @field_validator("name")
     @classmethod

@@ -94,7 +94,7 @@ def run_grid(
     worker runs in this process, more are spawned, never more than there are jobs.
     ``backend="ray"`` runs the jobs as Ray tasks (``address``: an existing cluster).
     At the end the run directory gets its tables, the figures its grid allows and report.html;
-    ``tsne`` adds the t-SNE figure (it re-embeds test images through every panel's model).
+    ``tsne`` adds the t-SNE figures, drawn from the features the cells saved.
     """
     if backend not in BACKENDS:
         raise BenchError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
@@ -104,7 +104,7 @@ def run_grid(
     check_worker_options(spec, workers, jobs_per_gpu, config.threads_per_job)
     cells = compile_grid(config)  # validates names and parameters before any work
     check_distinct_cells(cells)
-    # Ray workers choose their own device; the driver's is for the figures only.
+    # Ray workers choose their own device.
     dev = resolve_device(spec) if backend == "local" else None
     devices: tuple[str, ...] = ()
     if dev is not None:
@@ -148,10 +148,8 @@ def run_grid(
     ids = {c.cell_id for c in cells}
     computed = outcome.records_written if outcome else 0
     markdown = write_tables(run_dir, ids)
-    # t-SNE re-embeds test images through every panel's model: redraw it only when cells changed,
-    # so that re-running a finished grid stays a matter of seconds.
-    from bench.report.plots import FIGURE_DIR
-
-    tsne = tsne and (computed > 0 or not any((run_dir / FIGURE_DIR).glob("tsne-*.png")))
-    make_figures(run_dir, paths, dev, only=ids, tsne=tsne, strict=False)
+    # Embedding is the slow part of a t-SNE figure: draw only the figures that are missing (a run
+    # killed while drawing them), incomplete or older than their cells, so that re-running a
+    # finished grid stays a matter of seconds.
+    make_figures(run_dir, only=ids, tsne=tsne, strict=False, redraw=False)
     return cells, computed, markdown

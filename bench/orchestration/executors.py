@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from bench.core.data import DataPaths
 from bench.core.determinism import compute_settings, start_worker_process, worker_environment
+from bench.core.tsne_sample import CellFeatures
 from bench.orchestration.config import GridConfig
 from bench.orchestration.plan import Job
 
@@ -45,11 +46,15 @@ class WorkerSpec:
 
 @dataclass
 class JobResult:
-    """What a worker sends back: the cell record for a cell job, or the failure."""
+    """What a worker sends back: the cell record (and its t-SNE features) for a cell job, or the failure.
+
+    Workers never write into the run directory; the driver writes what comes back.
+    """
 
     job_id: str
     ok: bool
     record: dict[str, Any] | None = None
+    features: CellFeatures | None = None
     error: str | None = None  # the exception's one-line summary
     traceback: str | None = None
     seconds: float = 0.0
@@ -104,15 +109,17 @@ def run_job(spec: WorkerSpec, job: Job, runner: Any = None) -> JobResult:
     try:
         with compute_settings(spec.config.threads_per_job, spec.config.deterministic):
             runner = runner if runner is not None else worker_runner(spec)
-            record = execute_job(runner, job)
+            cell = execute_job(runner, job)
     except Exception as err:
         return JobResult(job.job_id, False, error=error_line(err), traceback=traceback.format_exc(),
                          seconds=time.perf_counter() - start, worker=where)  # fmt: skip
-    return JobResult(job.job_id, True, record=record, seconds=time.perf_counter() - start, worker=where)
+    return JobResult(job.job_id, True, record=cell.record if cell else None, features=cell.features if cell else None,
+                     seconds=time.perf_counter() - start, worker=where)  # fmt: skip
 
 
-def execute_job(runner: Any, job: Job) -> dict[str, Any] | None:
-    """Produce the job's artifact (model, defense state) or the cell's record."""
+def execute_job(runner: Any, job: Job) -> Any:
+    """Produce the job's artifact (model, defense state), or the cell's record and features
+    (a :class:`bench.orchestration.runner.CellResult`) for a cell job."""
     cell = job.cell
     if job.kind == "cell":
         return runner.run(cell)

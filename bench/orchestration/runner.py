@@ -3,6 +3,10 @@
 :class:`CellRunner` owns the expensive, shareable objects of a worker process (loaded datasets,
 the most recently used backdoored model) and the artifact cache, so consecutive cells that share
 a model train it at most once and load it at most once.
+
+Evaluating a cell of the grid's first seed also captures the penultimate features of its t-SNE
+sample (:mod:`bench.core.tsne_sample`) from the evaluation's own forward passes; they travel back
+with the record, and the driver saves both.
 """
 
 from __future__ import annotations
@@ -14,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import bench
 from attacks.base import Attack, FitContext
 from bench.core.data import DataPaths, DataSplit, ImageSet, load_dataset, stratified_split
 from bench.core.errors import BenchError
-from bench.core.metrics import backdoor_metrics
+from bench.core.metrics import backdoor_metrics, evaluate_with_features, float_batches
 from bench.core.models import build_model
 from bench.core.registry import ATTACKS, DEFENSES
 from bench.core.seeding import derive_seed, generator, seed_everything
+from bench.core.tsne_sample import CellFeatures, sample_indices
 from bench.nn.train import train_classifier
 from bench.orchestration.config import GridConfig, PluginSpec
 from bench.orchestration.grid import Cell, clean_model_key, instantiate
@@ -38,6 +43,14 @@ class CellData:
     attacker_train: ImageSet  # what the attacker poisons and the model is trained on
     defender_benign: ImageSet  # the held-out clean split the defender may use
     test: ImageSet
+
+
+@dataclass
+class CellResult:
+    """What computing a cell gives the driver to write: the record and its t-SNE features."""
+
+    record: dict[str, Any]
+    features: CellFeatures | None = None
 
 
 def versions() -> dict[str, str]:
@@ -156,8 +169,43 @@ class CellRunner:
         return defense, False
 
     # ----------------------------------------------------------------- one cell
-    def run(self, cell: Cell) -> dict[str, Any]:
-        """Compute one cell and return its record (not yet written)."""
+    def captures_features(self, cell: Cell) -> bool:
+        """t-SNE figures show the first seed: its cells capture their sample's features."""
+        return self.config.tsne.per_class > 0 and cell.order[4] == 0
+
+    def _undefended_features(self, model: nn.Module, images: Tensor) -> Tensor:
+        batches = float_batches(images, self.device, self.config.eval_batch_size)
+        out = [model.features(x).flatten(1).float() for _, x in batches]
+        return torch.cat(out).cpu() if out else torch.empty(0, 0)
+
+    def _evaluate(self, cell: Cell, data: CellData, model: nn.Module, defense: Defense, poisoned_x: Tensor,
+                  poisoned_y: Tensor) -> tuple[dict[str, float], CellFeatures | None]:  # fmt: skip
+        """BA/ASR/RA, and for a capturing cell the t-SNE features from the same forward passes."""
+        target, batch = self.config.poison.target, self.config.eval_batch_size
+        test = data.test
+        if not self.captures_features(cell):
+            return backdoor_metrics(defense.predict, test.x, test.y, poisoned_x, poisoned_y, target, self.device,
+                                    batch), None  # fmt: skip
+        settings = self.config.tsne
+        benign, poisoned = sample_indices(test.y, poisoned_y, settings.per_class, settings.poisoned_per_class, cell.seed)
+        result = evaluate_with_features(defense.predict_with_features, test.x, test.y, poisoned_x, poisoned_y, target,
+                                        self.device, batch, benign, poisoned)  # fmt: skip
+        benign_f, poisoned_f = result.clean_features, result.poisoned_features
+        features = CellFeatures(
+            benign=benign_f.numpy(), poisoned=poisoned_f.reshape(len(poisoned), benign_f.shape[1]).numpy(),
+            benign_labels=test.y[benign].numpy(), poisoned_labels=poisoned_y[poisoned].numpy(),
+            classes=list(test.classes), target=target, per_class=settings.per_class,
+            poisoned_per_class=settings.poisoned_per_class,
+        )  # fmt: skip
+        if cell.order[3] == 0 and not any(spec.name == "none" for spec in self.config.defenses):
+            # No ``none`` cell will show the undefended model: the first defense's cell keeps its features.
+            features.reference_benign = self._undefended_features(model, test.x[benign]).numpy()
+            reference_poisoned = self._undefended_features(model, poisoned_x[poisoned])
+            features.reference_poisoned = reference_poisoned.reshape(len(poisoned), benign_f.shape[1]).numpy()
+        return result.metrics, features
+
+    def run(self, cell: Cell) -> CellResult:
+        """Compute one cell: its record (not yet written) and, for the first seed, its t-SNE features."""
         t0 = time.perf_counter()
         data = self.cell_data(cell)
         attack = self.fitted_attack(cell, data)
@@ -166,16 +214,16 @@ class CellRunner:
         t2 = time.perf_counter()
         defense, defense_cached = self.defense(cell, data, model)
         t3 = time.perf_counter()
-        target = self.config.poison.target
-        poisoned_x, poisoned_y = attack.poison_test(data.test, target)
+        poisoned_x, poisoned_y = attack.poison_test(data.test, self.config.poison.target)
         with torch.no_grad():
-            metrics = backdoor_metrics(defense.predict, data.test.x, data.test.y, poisoned_x, poisoned_y,
-                                       target, self.device, self.config.eval_batch_size)  # fmt: skip
+            metrics, features = self._evaluate(cell, data, model, defense, poisoned_x, poisoned_y)
         t4 = time.perf_counter()
-        return {
+        record = {
             "cell_id": cell.cell_id,
             "dataset": cell.dataset.name,
+            "dataset_label": cell.dataset.display(),
             "model": cell.model.name,
+            "model_label": cell.model.display(),
             "attack": cell.attack.name,
             "attack_label": cell.attack_label,
             "attack_params": cell.attack_params,
@@ -203,6 +251,7 @@ class CellRunner:
             "config": self.config.resolved(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        return CellResult(record, features)
 
 
 def default_cache_dir(run_root: Path = Path("results")) -> Path:

@@ -1,8 +1,8 @@
 """Drive a plan through an executor: start ready jobs on free slots, record what comes back.
 
-The driver is the only writer of records and job states, whatever the backend, so a worker
-killed mid-job leaves at worst a finished artifact in the cache (written atomically) and no
-record: the next run plans that cell again. A failed job is logged, its dependents are marked
+The driver is the only writer of records (with their t-SNE features) and job states, whatever
+the backend, so a worker killed mid-job leaves at worst a finished artifact in the cache (written
+atomically) and no record: the next run plans that cell again. A failed job is logged, its dependents are marked
 failed without running ("not run: ..."), and everything else goes on.
 """
 
@@ -91,7 +91,7 @@ def _settle(
     """Record one result; return how many jobs it settled (its skipped dependents included)."""
     if result.ok:
         if result.record is not None:
-            records.write(result.record)
+            records.write(result.record, result.features)
             outcome.records_written += 1
         book.done(job, result)
         finished.add(job.job_id)

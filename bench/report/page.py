@@ -11,7 +11,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -113,16 +112,16 @@ def write_report(run_dir: Path, only: set[str] | None = None) -> Path:
 
 def make_figures(
     run_dir: Path,
-    paths: Any = None,
-    device: str | Any = None,
     only: set[str] | None = None,
     tsne: bool = False,
     strict: bool = True,
+    redraw: bool = True,
 ) -> list[Path]:
-    """Draw every figure the run's records allow, then write the report page; return the PNGs.
+    """Draw every figure the run's records allow, then write the report page; return the PNGs drawn.
 
-    Trade-off curves need only the records. The t-SNE figure (``tsne=True``) re-embeds test images
-    through the cached models, so it needs the run's data and artifact cache (``paths``). With
+    Trade-off curves need only the records; the t-SNE figures (``tsne=True``) only the records
+    and the features saved with them. ``redraw=False`` draws only the t-SNE figures that are
+    missing, incomplete or older than what they show (embedding is the slow part). With
     ``strict=False`` a figure that fails is reported on stderr instead of raised: the records and
     tables are already safe when a run calls this at its end.
     """
@@ -131,10 +130,10 @@ def make_figures(
     run_dir = Path(run_dir)
     records = [r for r in RecordStore(run_dir).read_all() if only is None or r["cell_id"] in only]
     steps = [("trade-off curves", lambda: write_tradeoff_figures(run_dir, records))]
-    if tsne and paths is not None and records:
+    if tsne and records:
         from bench.report.tsne import write_tsne_figures
 
-        steps.append(("t-SNE", lambda: write_tsne_figures(run_dir, paths, None if device is None else str(device))))
+        steps.append(("t-SNE", lambda: write_tsne_figures(run_dir, only=only, redraw=redraw)))
     pngs: list[Path] = []
     for what, step in steps:
         try:

@@ -1,15 +1,16 @@
 """t-SNE pictures of what a defense does to the backdoored model's feature space.
 
 For one attack, a seeded sample of benign test images (``per_class`` of each class) and of
-poisoned test images (``poisoned_per_class`` of each true class, target class excluded) goes
-through the backdoored model behind each defense; the penultimate features
-(:meth:`defenses.base.Defense.features`, i.e. after the defense's input transformation) are
-embedded in 2-D. Without a defense the poisoned points collapse into one cluster beside the
-target class; a defense that removes the backdoor scatters them back towards their true classes.
+poisoned test images (``poisoned_per_class`` of each true class, target class excluded) went
+through the backdoored model behind each defense when the cell was evaluated, and the
+penultimate features (after the defense's input transformation) were saved beside the cell's
+record (:mod:`bench.core.tsne_sample`). This module embeds them in 2-D: it needs no model, no
+data and no artifact cache. Without a defense the poisoned points collapse into one cluster beside
+the target class; a defense that removes the backdoor scatters them back towards their true classes.
 
 Panels: no defense, a low and a high intensity of every defense with an intensity knob, and
-every other defense in the grid at its configured setting (REFINE, ...), unless chosen by label.
-The models and fitted defense states come from the artifact cache of the run: nothing is trained.
+every other defense that finished (REFINE, ...), unless chosen by label. One figure per (dataset,
+model, attack) of the first seed, with a CSV of its points beside it.
 
 Every panel title also gives a number that does not depend on the embedding: the share of
 poisoned samples whose nearest benign class centroid (in the original feature space) is the
@@ -18,8 +19,8 @@ target class.
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,34 +28,32 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from bench.core.data import DataPaths, ImageSet
-from bench.core.device import resolve_device, to_float
 from bench.core.errors import BenchError
 from bench.core.files import atomic_write_text
 from bench.core.records import RecordStore
-from bench.core.seeding import generator
-from bench.orchestration.config import GridConfig, PluginSpec, read_yaml, validate
-from bench.orchestration.grid import Cell, compile_grid
-from bench.orchestration.store import ArtifactStore
-from bench.report.plots import FIGURE_DIR, PALETTE, save_figure, slug, themed
+from bench.core.tsne_sample import CellFeatures
+from bench.report.plots import FIGURE_DIR, PALETTE, intensity_param, save_figure, slug, themed
 
 PCA_DIMS = 50  # features are reduced to this many dimensions before t-SNE (standard practice)
+FILE_SUFFIXES = (".png", ".pdf", ".csv")  # what one figure consists of
 
 
 @dataclass
-class TsneSample:
-    """The images every panel of one figure embeds (the same ones in every panel)."""
+class Panel:
+    """One panel of a figure: a finished cell, or the undefended model of a grid without ``none``."""
 
-    benign_x: Tensor
-    benign_y: Tensor
-    poison_x: Tensor
-    poison_y: Tensor  # true labels of the poisoned images
+    label: str
+    source: str  # id of the cell whose features file holds this panel's features
+    record: dict[str, Any] | None  # None for the undefended model of a grid without ``none``
+
+    @property
+    def reference(self) -> bool:
+        """The panel shows the features saved as the undefended model's (``reference_*``)."""
+        return self.record is None
 
 
 @dataclass
@@ -65,79 +64,92 @@ class PanelResult:
     record: dict[str, Any] | None
 
 
-# ----------------------------------------------------------------------------- sampling
+@dataclass
+class TsneFigure:
+    """One figure to draw: its file stem (``.png``, ``.pdf``, ``.csv``) and its panels."""
 
+    stem: Path
+    panels: list[Panel]
+    first: dict[str, Any]  # a record of the figure's (dataset, model, attack, seed)
 
-def per_class_index(y: Tensor, count: int, gen: torch.Generator) -> Tensor:
-    """Up to ``count`` random indices of each class present in ``y``, sorted."""
-    picks = []
-    for c in torch.unique(y).tolist():
-        idx = torch.nonzero(y == c).flatten()
-        picks.append(idx[torch.randperm(idx.numel(), generator=gen)[:count]])
-    return torch.sort(torch.cat(picks)).values if picks else torch.empty(0, dtype=torch.long)
-
-
-def draw_sample(test: ImageSet, attack: Any, target: int, per_class: int, poisoned_per_class: int,
-                seed: int) -> TsneSample:  # fmt: skip
-    """Seeded benign and poisoned test samples, balanced over classes."""
-    gen = generator(seed, "tsne")
-    benign = per_class_index(test.y, per_class, gen)
-    poison_x, poison_y = attack.poison_test(test, target)
-    poisoned = per_class_index(poison_y, poisoned_per_class, gen)
-    return TsneSample(test.x[benign], test.y[benign], poison_x[poisoned], poison_y[poisoned])
+    def files(self) -> list[Path]:
+        return [self.stem.with_suffix(suffix) for suffix in FILE_SUFFIXES]
 
 
 # ----------------------------------------------------------------------------- panels
 
 
-def choose_panels(cells: list[Cell], labels: list[str] | None = None) -> list[Cell]:
-    """The cells (of one dataset, model, attack and seed) whose defenses get a panel.
+def _order(record: dict[str, Any]) -> tuple:
+    return tuple(record.get("order", ()))
 
-    Default: no defense first (made up from any cell when the grid has no ``none`` entry), then
-    for each defense with an intensity knob its lowest non-zero and its highest intensity, then
-    every knob-less defense. ``labels`` picks defense labels explicitly instead.
+
+def choose_panels(records: list[dict[str, Any]], labels: list[str] | None = None) -> list[Panel]:
+    """The panels of one figure, from the finished cells of one dataset, model, attack and seed.
+
+    Default: no defense first (for a grid without a ``none`` entry, the undefended features saved
+    with the grid's first defense), then for each defense with an intensity knob its lowest
+    non-zero and its highest intensity, then every knob-less defense. ``labels`` picks defense
+    labels explicitly instead.
     """
-    if not cells:
+    records = sorted(records, key=_order)
+    if not records:
         return []
     if labels:
-        by_label = {c.defense_label: c for c in cells}
+        by_label = {r["defense_label"]: r for r in records}
         missing = [label for label in labels if label not in by_label]
         if missing:
-            raise BenchError(f"t-SNE: no defense labelled {missing} in the grid; labels: {sorted(by_label)}")
-        return [by_label[label] for label in labels]
-    none = [c for c in cells if c.defense.name == "none"]
-    panels = none[:1] or [dataclasses.replace(cells[0], defense=PluginSpec(name="none"), defense_key=None,
-                                              defense_params={}, intensity=None, cell_id="")]  # fmt: skip
-    knobbed: dict[tuple, list[Cell]] = {}
-    for cell in cells:
-        if cell.defense.name == "none":
+            raise BenchError(f"t-SNE: no finished cell with defense label {missing}; labels: {sorted(by_label)}")
+        return [Panel(label, by_label[label]["cell_id"], by_label[label]) for label in labels]
+    none = [r for r in records if r["defense"] == "none"]
+    panels = [Panel("none", none[0]["cell_id"], none[0]) if none else Panel("none", records[0]["cell_id"], None)]
+    chosen: list[dict[str, Any]] = []
+    knobbed: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        if record["defense"] == "none":
             continue
-        if cell.intensity is None:
-            panels.append(cell)
+        if record.get("intensity") is None:
+            chosen.append(record)
             continue
-        from bench.core.registry import DEFENSES
-
-        knob = DEFENSES.get(cell.defense.name).intensity_param
-        fixed = tuple(sorted((k, repr(v)) for k, v in cell.defense_params.items() if k != knob))
-        knobbed.setdefault((cell.defense.name, fixed), []).append(cell)
+        knob = intensity_param(record["defense"])
+        params = record.get("defense_params") or {}
+        fixed = tuple(sorted((k, repr(v)) for k, v in params.items() if k != knob))
+        knobbed.setdefault((record["defense"], fixed), []).append(record)
     for group in knobbed.values():
-        ranked = sorted(group, key=lambda c: c.intensity)
-        nonzero = [c for c in ranked if c.intensity] or ranked
-        panels += [nonzero[0]] if nonzero[0].cell_id == ranked[-1].cell_id else [nonzero[0], ranked[-1]]
-    return sorted(panels, key=lambda c: c.order)
+        ranked = sorted(group, key=lambda r: r["intensity"])
+        nonzero = [r for r in ranked if r["intensity"]] or ranked
+        chosen += [nonzero[0]] if nonzero[0]["cell_id"] == ranked[-1]["cell_id"] else [nonzero[0], ranked[-1]]
+    return panels + [Panel(r["defense_label"], r["cell_id"], r) for r in sorted(chosen, key=_order)]
+
+
+def figure_plan(
+    run_dir: Path,
+    records: Iterable[dict[str, Any]],
+    attacks: Iterable[str] | None = None,
+    defenses: list[str] | None = None,
+) -> list[TsneFigure]:
+    """One figure per (dataset, model, attack) among the first-seed ``records``, in grid order."""
+    first_seed = [r for r in records if _order(r)[4:5] == (0,)]
+    wanted = set(attacks) if attacks else None
+    if wanted:
+        unknown = wanted - {r["attack_label"] for r in first_seed}
+        if unknown:
+            raise BenchError(f"t-SNE: no finished cell of an attack labelled {sorted(unknown)} in the run")
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for record in first_seed:
+        if wanted is None or record["attack_label"] in wanted:
+            groups.setdefault(_order(record)[:3], []).append(record)
+    figures = []
+    for key in sorted(groups):
+        panels = choose_panels(groups[key], defenses)
+        first = min(groups[key], key=_order)
+        labels = [first.get("dataset_label", first["dataset"]), first.get("model_label", first["model"]),
+                  first["attack_label"]]  # fmt: skip
+        stem = Path(run_dir) / FIGURE_DIR / "-".join(["tsne", *map(slug, labels)])
+        figures.append(TsneFigure(stem, panels, first))
+    return figures
 
 
 # ----------------------------------------------------------------------------- computing
-
-
-@torch.no_grad()
-def features(defense: Any, images: Tensor, device: torch.device, batch_size: int = 512) -> np.ndarray:
-    """Penultimate features of the defended model for uint8 ``images``."""
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = to_float(images[start : start + batch_size].to(device))
-        out.append(defense.features(x).flatten(1).float().cpu())
-    return torch.cat(out).numpy()
 
 
 def poison_to_target(benign_f: np.ndarray, benign_y: np.ndarray, poison_f: np.ndarray, target: int) -> float:
@@ -182,10 +194,9 @@ def class_colours(n: int) -> list:
     return list(PALETTE) if n <= len(PALETTE) else sns.color_palette("husl", n)
 
 
-def tsne_figure(panels: list[PanelResult], sample: TsneSample, classes: list[str], target: int, title: str) -> Figure:
+def tsne_figure(panels: list[PanelResult], benign_y: np.ndarray, poison_y: np.ndarray, classes: list[str], target: int,
+                title: str) -> Figure:  # fmt: skip
     """One panel per defense; colour = true class, circle = benign, X = poisoned; centroids marked."""
-    benign_y = sample.benign_y.numpy()
-    poison_y = sample.poison_y.numpy()
     n_benign = benign_y.shape[0]
     colours = class_colours(len(classes))
     ncols = min(4, len(panels))
@@ -236,93 +247,128 @@ def tsne_figure(panels: list[PanelResult], sample: TsneSample, classes: list[str
 # ----------------------------------------------------------------------------- from a run directory
 
 
-def load_run_config(run_dir: Path) -> GridConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise BenchError(f"{run_dir} has no config.yaml; is it a run directory written by 'run'?")
-    return validate(read_yaml(path), str(path))
+@dataclass(eq=False)
+class PanelFeatures:
+    """A panel's saved (benign, poisoned) features."""
+
+    panel: Panel
+    benign: np.ndarray
+    poisoned: np.ndarray
+    saved: CellFeatures  # the file they came from (labels, classes, target, sample settings)
 
 
-def _require_cached(runner: Any, cell: Cell) -> None:
-    """t-SNE only reads the cache: training here would silently redo the run's work."""
-    store: ArtifactStore = runner.artifacts
-    if not store.path("models", cell.model_key).exists():
-        raise BenchError(
-            f"t-SNE: the backdoored model for {cell.attack_label} is not in the artifact cache {store.root}; "
-            "pass the --cache-dir the run used (or rerun the grid)"
-        )
-    if cell.defense_key and not store.path("defenses", cell.defense_key).exists():
-        raise BenchError(f"t-SNE: the fitted state of defense {cell.defense_label} is not in the cache {store.root}")
+def _panel_features(store: RecordStore, panel: Panel) -> PanelFeatures | None:
+    saved = store.read_features(panel.source)
+    if saved is None:
+        return None
+    if not panel.reference:
+        return PanelFeatures(panel, saved.benign, saved.poisoned, saved)
+    if saved.reference_benign is None or saved.reference_poisoned is None:
+        return None
+    return PanelFeatures(panel, saved.reference_benign, saved.reference_poisoned, saved)
+
+
+def configured_sample(run_dir: Path) -> tuple[int, int] | None:
+    """(per_class, poisoned_per_class) of the run's ``config.yaml``; None when it names none."""
+    import yaml
+
+    try:
+        tsne = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("tsne") or {}
+        return int(tsne["per_class"]), int(tsne["poisoned_per_class"])
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def is_up_to_date(store: RecordStore, figure: TsneFigure) -> bool:
+    """Whether all of the figure's files exist, are newer than every record and features file
+    they are drawn from, and show exactly its panels (a figure cut off by a killed run is not)."""
+    files = figure.files()
+    if not all(f.is_file() for f in files):
+        return False
+    sources = [store.features_path(p.source) for p in figure.panels] + [store.path(p.source) for p in figure.panels]
+    newest = max((p.stat().st_mtime_ns for p in sources if p.exists()), default=0)
+    if min(f.stat().st_mtime_ns for f in files) < newest:
+        return False
+    try:
+        drawn = pd.read_csv(files[-1], usecols=["panel"])["panel"].astype(str)
+    except (OSError, ValueError):
+        return False
+    return list(dict.fromkeys(drawn)) == [panel.label for panel in figure.panels]
+
+
+def load_panels(store: RecordStore, figure: TsneFigure, sample: tuple[int, int] | None = None) -> list[PanelFeatures]:
+    """The figure's panels whose features are saved and embed one sample: the configured one
+    (``sample`` = per_class, poisoned_per_class), else the first panel's. The others are named on stderr."""
+    loaded = {panel.label: _panel_features(store, panel) for panel in figure.panels}
+    found = [f for f in loaded.values() if f is not None]
+    missing = [label for label, f in loaded.items() if f is None]
+    if sample is not None:
+        usable = [f for f in found if (f.saved.per_class, f.saved.poisoned_per_class) == sample]
+    else:
+        usable = [f for f in found if f.saved.same_sample(found[0].saved)]
+    other = [f.panel.label for f in found if all(f is not u for u in usable)]
+    if missing:
+        print(f"warning: t-SNE {figure.stem.name}: no saved features for {missing} (computed before features "
+              "were saved, or with tsne.per_class 0); rerun those cells to include them", file=sys.stderr)  # fmt: skip
+    if other:
+        print(f"warning: t-SNE {figure.stem.name}: {other} saved the features of another t-SNE sample than the "
+              "configured one; rerun those cells to include them", file=sys.stderr)  # fmt: skip
+    return usable
+
+
+def draw_figure(store: RecordStore, figure: TsneFigure, sample: tuple[int, int] | None = None) -> Path | None:
+    """Embed and draw one figure from saved features; its PNG, or None when no panel has features."""
+    panels = load_panels(store, figure, sample)
+    if not panels:
+        return None
+    saved = panels[0].saved
+    first, seed = figure.first, int(figure.first["seed"])
+    results = []
+    for item in tqdm(panels, desc=f"t-SNE [{first['attack_label']}]", unit="panel", disable=None):
+        benign, poisoned = item.benign.astype(np.float64), item.poisoned.astype(np.float64)
+        share = poison_to_target(benign, saved.benign_labels, poisoned, saved.target)
+        points = np.concatenate([benign, poisoned])
+        results.append(PanelResult(item.panel.label, embed(points, seed), share, item.panel.record))
+    classes, target = saved.classes, saved.target
+    dataset, model = first.get("dataset_label", first["dataset"]), first.get("model_label", first["model"])
+    title = (f"t-SNE of penultimate features: {first['attack_label']} on {dataset} / {model} (seed {seed}; "
+             f"{len(saved.benign_labels)} benign, {len(saved.poisoned_labels)} poisoned test images; "
+             f"target class {classes[target]})")  # fmt: skip
+    with themed():
+        fig = tsne_figure(results, saved.benign_labels, saved.poisoned_labels, classes, target, title)
+        png = save_figure(fig, figure.stem)[0]
+    atomic_write_text(_points_csv(results, saved), figure.stem.with_suffix(".csv"))
+    return png
 
 
 def write_tsne_figures(
     run_dir: Path,
-    paths: DataPaths,
-    device: str | None = None,
     attacks: Iterable[str] | None = None,
     defenses: list[str] | None = None,
-    per_class: int = 200,
-    poisoned_per_class: int = 50,
+    only: set[str] | None = None,
+    redraw: bool = True,
 ) -> list[Path]:
-    """One t-SNE figure per (dataset, model, attack) of the run (first seed); PNG paths returned."""
-    from bench.orchestration.runner import CellRunner
+    """Draw the run's t-SNE figures from its saved features; return the PNGs drawn.
 
-    if per_class < 1 or poisoned_per_class < 0:
-        raise BenchError("t-SNE: per_class must be >= 1 and poisoned_per_class >= 0")
+    ``only`` restricts the records to these cell ids (the current grid). ``redraw=False`` draws
+    only the figures that are missing, incomplete, or older than their records and features.
+    """
     run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    cells = [c for c in compile_grid(config) if c.seed == config.seeds[0]]
-    wanted = set(attacks) if attacks else None
-    if wanted:
-        unknown = wanted - {c.attack_label for c in cells}
-        if unknown:
-            raise BenchError(f"t-SNE: no attack labelled {sorted(unknown)} in the grid")
-    records = {r["cell_id"]: r for r in RecordStore(run_dir).read_all()}
-    dev = resolve_device(device or config.device)
-    runner = CellRunner(config, paths, ArtifactStore(paths.cache_dir), dev)
-    target = config.poison.target
-    groups: dict[tuple, list[Cell]] = {}
-    for cell in cells:
-        if wanted is None or cell.attack_label in wanted:
-            groups.setdefault((cell.order[0], cell.order[1], cell.order[2]), []).append(cell)
+    store = RecordStore(run_dir)
+    records = [r for r in store.read_all() if only is None or r["cell_id"] in only]
+    sample = configured_sample(run_dir)
     pngs = []
-    for group in groups.values():
-        if not defenses:  # default panels: only cells that finished (a failed cell has no fitted state)
-            group = [c for c in group if c.cell_id in records]
-            if not group:
-                continue
-        panels = choose_panels(group, defenses)
-        first = panels[0]
-        for cell in panels:
-            _require_cached(runner, cell)
-        data = runner.cell_data(first)
-        attack = runner.fitted_attack(first, data)
-        sample = draw_sample(data.test, attack, target, per_class, poisoned_per_class, first.seed)
-        model, _ = runner.backdoored_model(first, data, attack)
-        results = []
-        for cell in tqdm(panels, desc=f"t-SNE [{first.attack_label}]", unit="panel", disable=None):
-            defense, _ = runner.defense(cell, data, model)
-            benign_f = features(defense, sample.benign_x, dev, config.eval_batch_size)
-            poison_f = features(defense, sample.poison_x, dev, config.eval_batch_size)
-            share = poison_to_target(benign_f, sample.benign_y.numpy(), poison_f, target)
-            points = np.concatenate([benign_f, poison_f])
-            results.append(PanelResult(cell.defense_label, embed(points, first.seed), share, records.get(cell.cell_id)))
-        classes = data.test.classes
-        title = (f"t-SNE of penultimate features: {first.attack_label} on {first.dataset.display()} / "
-                 f"{first.model.display()} (seed {first.seed}; {len(sample.benign_y)} benign, "
-                 f"{len(sample.poison_y)} poisoned test images; target class {classes[target]})")  # fmt: skip
-        stem = run_dir / FIGURE_DIR / "-".join(
-            ["tsne", slug(first.dataset.display()), slug(first.model.display()), slug(first.attack_label)])
-        with themed():
-            pngs.append(save_figure(tsne_figure(results, sample, classes, target, title), stem)[0])
-        atomic_write_text(_points_csv(results, sample), stem.with_suffix(".csv"))
+    for figure in figure_plan(run_dir, records, attacks, defenses):
+        if redraw or not is_up_to_date(store, figure):
+            png = draw_figure(store, figure, sample)
+            pngs += [png] if png is not None else []
     return pngs
 
 
-def _points_csv(results: list[PanelResult], sample: TsneSample) -> str:
+def _points_csv(results: list[PanelResult], saved: CellFeatures) -> str:
     """The embeddings as a long CSV, to restyle the figure without recomputing t-SNE."""
-    labels = np.concatenate([sample.benign_y.numpy(), sample.poison_y.numpy()])
-    poisoned = np.r_[np.zeros(len(sample.benign_y), bool), np.ones(len(sample.poison_y), bool)]
+    labels = np.concatenate([saved.benign_labels, saved.poisoned_labels])
+    poisoned = np.r_[np.zeros(len(saved.benign_labels), bool), np.ones(len(saved.poisoned_labels), bool)]
     frames = [pd.DataFrame({"panel": r.label, "x": r.embedding[:, 0], "y": r.embedding[:, 1],
                             "label": labels, "poisoned": poisoned}) for r in results]  # fmt: skip
     return pd.concat(frames).to_csv(index=False, float_format="%.4f")
