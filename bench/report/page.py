@@ -1,34 +1,27 @@
 """The report page of a run: ``report.html`` with its tables, every figure and its configuration.
 
-:func:`make_figures` draws the figures a run's records allow, then :func:`write_report` writes the
-page. Everything is rebuilt from the run directory, so the page can be regenerated at any time.
+:func:`make_figures` draws the figures a run's records allow, then :func:`write_report` fills the
+jinja2 template ``templates/report.html.j2`` (autoescaped; the tables come from
+:func:`bench.report.tables.to_html`). Everything is rebuilt from the run directory, so the page
+can be regenerated at any time.
 """
 
 from __future__ import annotations
 
-import html
+import functools
 import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import jinja2
 import pandas as pd
+from markupsafe import Markup
 
 from bench.core.files import atomic_write_text
 from bench.core.records import RecordStore
 from bench.report.tables import paper_tables, records_frame, to_html
-
-_PAGE_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-caption { font-weight: bold; text-align: left; padding-bottom: 0.4em; }
-th, td { border-top: 1px solid #bbb; border-bottom: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
-tbody th { text-align: left; }
-figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { font-size: 0.85em; color: #555; }
-pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
-.meta { color: #555; font-size: 0.9em; }
-"""
 
 FIGURE_SECTIONS = (
     ("tradeoff-", "Trade-off curves",
@@ -40,24 +33,22 @@ FIGURE_SECTIONS = (
 )  # fmt: skip
 
 
-def _figure_html(run_dir: Path) -> list[str]:
+def _figure_sections(run_dir: Path) -> list[dict[str, Any]]:
+    """The figures under ``figures/``, grouped into the page's sections by file-name prefix."""
     from bench.report.plots import FIGURE_DIR
 
     pngs = sorted((run_dir / FIGURE_DIR).glob("*.png"))
-    parts, shown = [], set()
+    sections, shown = [], set()
     for prefix, heading, note in FIGURE_SECTIONS:
         chosen = [p for p in pngs if p.name.startswith(prefix) and p not in shown]
         if not chosen:
             continue
         shown.update(chosen)
-        parts.append(f"<h2>{html.escape(heading)}</h2>" + (f"<p class=meta>{html.escape(note)}</p>" if note else ""))
-        for png in chosen:
-            rel = png.relative_to(run_dir).as_posix()
-            pdf = png.with_suffix(".pdf")
-            link = f' · <a href="{html.escape(pdf.relative_to(run_dir).as_posix())}">PDF</a>' if pdf.exists() else ""
-            parts.append(f'<figure><img src="{html.escape(rel)}" alt="{html.escape(png.stem)}">'
-                         f"<figcaption>{html.escape(png.stem)}{link}</figcaption></figure>")  # fmt: skip
-    return parts
+        figures = [{"png": png.relative_to(run_dir).as_posix(), "name": png.stem,
+                    "pdf": png.with_suffix(".pdf").relative_to(run_dir).as_posix() if png.with_suffix(".pdf").exists()
+                    else None} for png in chosen]  # fmt: skip
+        sections.append({"heading": heading, "note": note, "figures": figures})
+    return sections
 
 
 def _run_summary(df: pd.DataFrame) -> str:
@@ -81,30 +72,29 @@ def _config_name(config_text: str) -> str | None:
     return str(raw["name"]) if isinstance(raw, dict) and raw.get("name") else None
 
 
+@functools.cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("bench.report", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)  # fmt: skip
+    return env.get_template("report.html.j2")
+
+
 def write_report(run_dir: Path, only: set[str] | None = None) -> Path:
     """``run_dir/report.html``: tables, every figure in ``figures/`` and the run configuration."""
     run_dir = Path(run_dir)
     df = records_frame(r for r in RecordStore(run_dir).read_all() if only is None or r["cell_id"] in only)
     config = run_dir / "config.yaml"
     config_text = config.read_text() if config.is_file() else "(no config.yaml in the run directory)"
-    name = _config_name(config_text) or run_dir.name
-    tables = [to_html(t, f"BA and ASR (%) on {d} / {m}; best defense per row in bold")
-              for (d, m), t in paper_tables(df).items()]  # fmt: skip
-    downloads = " · ".join(f'<a href="{f}">{f}</a>' for f in ("table.md", "table.csv", "table.tex", "cells.csv")
-                           if (run_dir / f).exists())  # fmt: skip
-    body = [
-        f"<h1>Run {html.escape(name)}</h1>",
-        f"<p class=meta>{html.escape(_run_summary(df))} · written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
-        "<h2>Tables</h2>",
-        *(tables or ["<p>(no finished cells)</p>"]),
-        f"<p class=meta>Downloads: {downloads}</p>" if downloads else "",
-        *_figure_html(run_dir),
-        "<h2>Configuration</h2>",
-        f"<pre>{html.escape(config_text)}</pre>",
-    ]
-    page = ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f"<title>{html.escape(name)}: backdoor benchmark report</title><style>{_PAGE_STYLE}</style></head>"
-            "<body>\n" + "\n".join(p for p in body if p) + "\n</body></html>\n")  # fmt: skip
+    page = _template().render(
+        name=_config_name(config_text) or run_dir.name,
+        summary=_run_summary(df),
+        written=time.strftime("%Y-%m-%d %H:%M:%S"),
+        tables=[Markup(to_html(t, f"BA and ASR (%) on {d} / {m}; best defense per row in bold"))
+                for (d, m), t in paper_tables(df).items()],  # fmt: skip
+        downloads=[f for f in ("table.md", "table.csv", "table.tex", "cells.csv") if (run_dir / f).exists()],
+        sections=_figure_sections(run_dir),
+        config=config_text,
+    )
     path = run_dir / "report.html"
     atomic_write_text(page, path)
     return path

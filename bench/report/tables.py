@@ -1,4 +1,4 @@
-"""Tables from cell records: the paper layout as CSV, Markdown and LaTeX, plus a long CSV.
+"""Tables from cell records: the paper layout as CSV, Markdown, LaTeX and HTML, plus a long CSV.
 
 Paper layout: one row per attack, one column group per defense with BA and ASR sub-columns;
 with several seeds each entry is ``mean ± std`` (sample standard deviation). One table per
@@ -10,15 +10,19 @@ reference it is the defense with the highest defense effectiveness rating,
 DER = [max(0, ASR drop) - max(0, BA drop) + 1] / 2 (rates as fractions), ties broken by lower
 ASR; without a reference, the lowest ASR, ties broken by higher BA.
 
+:func:`paper_tables` builds each table once as a DataFrame; pandas renders it (``to_markdown``
+through tabulate, ``Styler.to_latex``, ``Styler.to_html``, ``to_csv``). The renderers here only
+escape labels for their format and mark the best defense.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
+from pandas.io.formats.style import Styler
 
 from bench.core.files import atomic_write_text
 from bench.core.records import RecordStore
@@ -28,6 +32,7 @@ LONG_COLUMNS = [
     "ba", "asr", "ra", "cell_id",
 ]  # fmt: skip
 METRICS = ("ba", "asr")
+CSV_DECIMALS = 4  # cells.csv: percentages to 1e-4, not float noise such as 96.89999999999999
 
 
 def records_frame(records: Iterable[dict]) -> pd.DataFrame:
@@ -119,25 +124,42 @@ def best_defense(table: pd.DataFrame, attack: str) -> str | None:
     return best
 
 
+def best_cells(table: pd.DataFrame) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """(attack, [(defense, "BA"), (defense, "ASR")]) for every row that has a best defense."""
+    for attack in table.index:
+        best = best_defense(table, attack)
+        if best is not None:
+            yield attack, [(best, "BA"), (best, "ASR")]
+
+
 def _md(text: object) -> str:
     return str(text).replace("|", "\\|")
 
 
 def to_markdown(table: pd.DataFrame, title: str = "") -> str:
-    defenses = list(dict.fromkeys(table.columns.get_level_values(0)))
-    head = "| attack | " + " | ".join(f"{_md(d)} BA | {_md(d)} ASR" for d in defenses) + " |"
-    rule = "|---|" + "---:|" * (2 * len(defenses))
-    lines = [f"### {title}", ""] if title else []
-    lines += [head, rule]
-    for attack in table.index:
-        best = best_defense(table, attack)
-        cells = []
-        for d in defenses:
-            for m in ("BA", "ASR"):
-                v = _md(table.loc[attack, (d, m)])
-                cells.append(f"**{v}**" if d == best else v)
-        lines.append(f"| {_md(attack)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """A pipe table: one ``defense BA`` and ``defense ASR`` column per defense, best in bold."""
+    shown = table.map(_md)
+    for attack, columns in best_cells(table):
+        for column in columns:
+            shown.loc[attack, column] = f"**{shown.loc[attack, column]}**"
+    shown.columns = [f"{_md(d)} {m}" for d, m in shown.columns]
+    shown.index = [_md(a) for a in shown.index]
+    shown = shown.rename_axis("attack").reset_index()
+    body = shown.to_markdown(index=False, tablefmt="pipe", disable_numparse=True,
+                             colalign=("left",) + ("right",) * (shown.shape[1] - 1))  # fmt: skip
+    return (f"### {title}\n\n" if title else "") + body + "\n"
+
+
+def _styled(table: pd.DataFrame, text: Callable[[str], str], bold: Callable[[str], str], corner: str) -> Styler:
+    """The table for Styler's writers: labels and values through ``text`` (the format's escaping),
+    the best defense of each row through ``bold`` too, ``corner`` above the attack names."""
+    shown = table.copy()
+    shown.index.name = None
+    shown.columns.names = [corner, None]
+    styler = shown.style.format(text).format_index(text, axis=0).format_index(text, axis=1)
+    for attack, columns in best_cells(table):
+        styler = styler.format(lambda v: bold(text(v)), subset=pd.IndexSlice[[attack], columns])
+    return styler
 
 
 _TEX_ESCAPES = {
@@ -147,32 +169,29 @@ _TEX_ESCAPES = {
 }  # fmt: skip
 
 
-def _tex(text: str) -> str:
-    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
+def _tex(text: object) -> str:
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in str(text))
 
 
 def to_latex(table: pd.DataFrame, caption: str = "") -> str:
     """A booktabs table with one multicolumn group per defense; best defense per row in bold."""
-    defenses = list(dict.fromkeys(table.columns.get_level_values(0)))
-    lines = [r"\begin{table}[t]", r"\centering"]
-    if caption:
-        lines.append(rf"\caption{{{_tex(caption)}}}")
-    lines.append(r"\begin{tabular}{l" + "cc" * len(defenses) + "}")
-    lines.append(r"\toprule")
-    lines.append("Attack & " + " & ".join(rf"\multicolumn{{2}}{{c}}{{{_tex(d)}}}" for d in defenses) + r" \\")
-    lines.append("".join(rf"\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(defenses))))
-    lines.append(" & " + " & ".join("BA & ASR" for _ in defenses) + r" \\")
-    lines.append(r"\midrule")
-    for attack in table.index:
-        best = best_defense(table, attack)
-        cells = []
-        for d in defenses:
-            for m in ("BA", "ASR"):
-                v = _tex(str(table.loc[attack, (d, m)]))
-                cells.append(rf"\textbf{{{v}}}" if d == best else v)
-        lines.append(f"{_tex(str(attack))} & " + " & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    n = len(dict.fromkeys(table.columns.get_level_values(0)))
+    styler = _styled(table, _tex, lambda v: rf"\textbf{{{v}}}", "Attack")
+    tex = styler.to_latex(column_format="l" + "cc" * n, position="t", position_float="centering", hrules=True,
+                          multicol_align="c", caption=_tex(caption) if caption else None, environment="table")  # fmt: skip
+    # Styler has no rules under column groups: booktabs' cmidrules go below the defense names.
+    lines = tex.splitlines()
+    groups = lines.index(r"\toprule") + 1
+    lines.insert(groups + 1, "".join(rf"\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(n)))
     return "\n".join(lines) + "\n"
+
+
+def to_html(table: pd.DataFrame, title: str = "") -> str:
+    """The paper layout as an HTML table (defense column groups, best defense per row in bold)."""
+    styler = _styled(table, html.escape, lambda v: f"<b>{v}</b>", "attack")
+    if title:
+        styler = styler.set_caption(html.escape(title))
+    return styler.to_html(exclude_styles=True)
 
 
 def write_tables(run_dir: Path, only: set[str] | None = None) -> str:
@@ -185,7 +204,7 @@ def write_tables(run_dir: Path, only: set[str] | None = None) -> str:
     records = RecordStore(run_dir).read_all()
     df = records_frame(r for r in records if only is None or r["cell_id"] in only)
     present = [c for c in LONG_COLUMNS if c in df.columns]
-    atomic_write_text(df[present].to_csv(index=False), run_dir / "cells.csv")
+    atomic_write_text(df[present].round(CSV_DECIMALS).to_csv(index=False), run_dir / "cells.csv")
     markdown, latex, csv_parts = [], [], []
     for (dataset, model), table in paper_tables(df).items():
         title = f"{dataset} / {model}"
@@ -200,21 +219,3 @@ def write_tables(run_dir: Path, only: set[str] | None = None) -> str:
     wide = pd.concat(csv_parts) if csv_parts else pd.DataFrame()
     atomic_write_text(wide.to_csv(index=False), run_dir / "table.csv")
     return md
-
-
-def to_html(table: pd.DataFrame, title: str = "") -> str:
-    """The paper layout as an HTML table (defense column groups, best defense per row in bold)."""
-    defenses = list(dict.fromkeys(table.columns.get_level_values(0)))
-    esc = html.escape
-    rows = [f"<caption>{esc(title)}</caption>" if title else "", "<thead><tr><th rowspan=2>attack</th>"
-            + "".join(f"<th colspan=2>{esc(str(d))}</th>" for d in defenses) + "</tr>",
-            "<tr>" + "<th>BA</th><th>ASR</th>" * len(defenses) + "</tr></thead><tbody>"]  # fmt: skip
-    for attack in table.index:
-        best = best_defense(table, attack)
-        cells = "".join(
-            f"<td>{'<b>' if d == best else ''}{esc(str(table.loc[attack, (d, m)]))}{'</b>' if d == best else ''}</td>"
-            for d in defenses
-            for m in ("BA", "ASR")
-        )
-        rows.append(f"<tr><th>{esc(str(attack))}</th>{cells}</tr>")
-    return "<table>" + "\n".join(rows) + "</tbody></table>"
