@@ -14,7 +14,24 @@ from pathlib import Path
 
 from bench.core.errors import BenchError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quick.yaml"
+
+def configs_dir() -> Path:
+    """The shipped grid files: ``bench/configs/`` in an installed package (setup.cfg installs the
+    top-level ``configs/`` there), else the ``configs/`` of the source checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if installed.is_dir() else here.parent / "configs"
+
+
+DEFAULT_CONFIG = configs_dir() / "quick.yaml"
+
+
+def config_path(arg: str) -> Path:
+    """The grid file ``arg``; a path that does not exist but names a shipped grid
+    (``configs/cifar10_cpu.yaml`` run from another directory) is that grid."""
+    path = Path(arg)
+    shipped = configs_dir() / path.name
+    return shipped if not path.exists() and path.suffix in (".yaml", ".yml") and shipped.is_file() else path
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a grid (default: configs/quick.yaml) and print its table",
                          description="Run every unfinished cell of a grid and print the BA/ASR table.")
-    run.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="grid YAML file")
+    run.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                     help="grid YAML file (the shipped grids are found by name from any directory)")
     run.add_argument("--out", help="run directory (default: results/<config name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.epochs=2 (repeatable)")
@@ -108,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.orchestration.execute import run_grid
     from bench.orchestration.status import cell_statuses
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(config_path(args.config), args.overrides)
     run_dir = Path(args.out) if args.out else Path("results") / str(config.name)  # a validated plain name
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path("results") / "cache"
     if args.dry_run:
@@ -201,7 +219,7 @@ def cmd_show_triggers(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir():
         raise BenchError(f"--out {args.out} is a directory; give the path of the PNG file to write")
     if args.config:
-        config = load_config(args.config)
+        config = load_config(config_path(args.config))
         dataset, specs, target = config.datasets[0], config.attacks, config.poison.target
     else:
         dataset, specs, target = PluginSpec(name=args.dataset), default_specs(), 0
