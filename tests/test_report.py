@@ -202,3 +202,12 @@ def test_cli_report_and_plot_on_a_run_directory(tmp_path: Path, capsys: pytest.C
     assert "no trade-off figure" in capsys.readouterr().out  # one ShrinkPad intensity only
     assert main(["plot", "tradeoff", str(tmp_path / "missing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_cells_csv_rounds_to_four_decimals(tmp_path: Path) -> None:
+    rows = hand_made_records()
+    rows[0] = rows[0] | {"ba": 96.89999999999999, "asr": 12.345678}
+    write_records(tmp_path, rows)
+    write_tables(tmp_path)
+    text = (tmp_path / "cells.csv").read_text()
+    assert "96.9," in text and "12.3457," in text and "96.8999" not in text

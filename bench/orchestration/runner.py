@@ -190,18 +190,21 @@ class CellRunner:
         benign, poisoned = sample_indices(test.y, poisoned_y, settings.per_class, settings.poisoned_per_class, cell.seed)
         result = evaluate_with_features(defense.predict_with_features, test.x, test.y, poisoned_x, poisoned_y, target,
                                         self.device, batch, benign, poisoned)  # fmt: skip
-        benign_f, poisoned_f = result.clean_features, result.poisoned_features
+        width = result.clean_features.shape[1]
+
+        def rows(features: Tensor, n: int):  # an empty poisoned sample still has the feature width
+            return features.reshape(n, width).numpy()
+
         features = CellFeatures(
-            benign=benign_f.numpy(), poisoned=poisoned_f.reshape(len(poisoned), benign_f.shape[1]).numpy(),
+            benign=rows(result.clean_features, len(benign)), poisoned=rows(result.poisoned_features, len(poisoned)),
             benign_labels=test.y[benign].numpy(), poisoned_labels=poisoned_y[poisoned].numpy(),
             classes=list(test.classes), target=target, per_class=settings.per_class,
             poisoned_per_class=settings.poisoned_per_class,
         )  # fmt: skip
         if cell.order[3] == 0 and not any(spec.name == "none" for spec in self.config.defenses):
             # No ``none`` cell will show the undefended model: the first defense's cell keeps its features.
-            features.reference_benign = self._undefended_features(model, test.x[benign]).numpy()
-            reference_poisoned = self._undefended_features(model, poisoned_x[poisoned])
-            features.reference_poisoned = reference_poisoned.reshape(len(poisoned), benign_f.shape[1]).numpy()
+            features.reference_benign = rows(self._undefended_features(model, test.x[benign]), len(benign))
+            features.reference_poisoned = rows(self._undefended_features(model, poisoned_x[poisoned]), len(poisoned))
         return result.metrics, features
 
     def run(self, cell: Cell) -> CellResult:
