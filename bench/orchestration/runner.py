@@ -183,7 +183,8 @@ class CellRunner:
         """BA/ASR/RA, and for a capturing cell the t-SNE features from the same forward passes."""
         target, batch = self.config.poison.target, self.config.eval_batch_size
         test = data.test
-        if not self.captures_features(cell):
+        # A model without a ``head`` layer (outside the model contract) is evaluated without the capture.
+        if not self.captures_features(cell) or not isinstance(getattr(defense.model, "head", None), nn.Module):
             return backdoor_metrics(defense.predict, test.x, test.y, poisoned_x, poisoned_y, target, self.device,
                                     batch), None  # fmt: skip
         settings = self.config.tsne
