@@ -131,10 +131,10 @@ def estimate(args: argparse.Namespace) -> None:
         match = [r for r in training if r["model"] == model and int(r["batch_size"]) == recipe.batch_size]
         if not match:
             raise BenchError(f"{args.training_csv} has no row for model {model!r} at batch size {recipe.batch_size}")
-        epoch_s, eval_rate = float(match[0]["epoch_s"]), float(match[0]["eval_img_per_s"])
+        epoch_s, eval_rate = float(match[0]["epoch_est_s"]), float(match[0]["eval_img_per_s"])
         rows.append({"component": f"train {model} ({recipe.epochs} epochs)", "count": trainings,
                      "unit_s": epoch_s * recipe.epochs, "total_s": trainings * epoch_s * recipe.epochs,
-                     "source": "training.csv: epoch_s x epochs"})  # fmt: skip
+                     "source": "training.csv: epoch_est_s x epochs"})  # fmt: skip
         rows.append({"component": f"evaluate {model}, undefended", "count": cells,
                      "unit_s": CIFAR10_EVAL / eval_rate, "total_s": cells * CIFAR10_EVAL / eval_rate,
                      "source": "training.csv: eval_img_per_s (defended prediction costs more)"})  # fmt: skip
@@ -147,7 +147,7 @@ def estimate(args: argparse.Namespace) -> None:
             raise BenchError(f"{args.refine_csv} has no row for REFINE width {width}")
         fit_s = float(match[0]["fit_est_s"])
         rows.append({"component": f"fit refine c={width}", "count": count, "unit_s": fit_s, "total_s": count * fit_s,
-                     "source": "refine.csv: epoch_s x epochs"})  # fmt: skip
+                     "source": "refine.csv: epoch_est_s x epochs"})  # fmt: skip
     total = sum(r["total_s"] for r in rows)
     rows.append({"component": "total (estimate)", "count": "", "unit_s": "", "total_s": total,
                  "source": f"= {total / 3600:.2f} h on {', '.join(sorted(device)) or '?'}"})  # fmt: skip

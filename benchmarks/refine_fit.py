@@ -1,64 +1,131 @@
 """REFINE fitting throughput: images per second through its U-Net training step, per width c.
 
-One step is REFINE's own (``defenses/refine.py``): batched augmentation, the frozen model's
-pseudo-labels, the U-Net, the frozen model again on the transformed images, cross-entropy on the
-remapped output plus the supervised contrastive term, and the U-Net's update. ``--steps`` steps
-are timed after a one-step warm-up; from the rate come the seconds per epoch over REFINE's benign
-split (``benign_fraction`` of the 50,000 training images) and of its full epoch count: estimates,
-extrapolated from a few steps. The frozen model is an untrained ResNet-18: the cost of a step does
-not depend on its weights.
+One step is REFINE's own (``Refine.fit`` in ``defenses/refine.py``, called unchanged): batched
+augmentation, the frozen model's pseudo-labels, the U-Net, the frozen model again on the
+transformed images, cross-entropy on the remapped output plus the supervised contrastive term,
+and the U-Net's update. Each repeat fits ``1 + --steps`` steps; the first is not timed and its
+FLOPs are counted (see ``benchmarks/common.py``), the others are timed. The table gives images/s,
+GFLOP per image, achieved TFLOP/s and the share of the device's dense bf16 peak, the fit's mean
+loss, and two *estimates* extrapolated from the measured rate: seconds per epoch over REFINE's
+benign split (``benign_fraction`` of the 50,000 training images) and for its full epoch count.
+The frozen model is an untrained ResNet-18: the cost of a step does not depend on its weights.
 
-    python benchmarks/refine_fit.py [--widths 64] [--csv FILE]
+Precision: on CUDA the fit runs as configured (bf16 autocast, the defense's ``amp``). On a CPU
+it runs in fp32; ``--cpu-bf16`` measures every width a second time with the loss under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` -- exactly the region the fit autocasts on CUDA
+(the augmentation, backward and update stay outside, as there) -- and prints how far the mean
+loss of the same steps (same seed, same batches) moved from fp32.
+
+    python benchmarks/refine_fit.py [--widths 64] [--steps 10] [--cpu-bf16] [--csv FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from torch import nn
 
+from bench.core.data import ImageSet
+from bench.core.errors import BenchError
 from bench.core.models import build_model
-from bench.core.registry import DEFENSES
+from bench.core.registry import DEFENSES, MODELS
 from bench.core.seeding import generator
 from benchmarks.common import (
+    COMPUTE_COLUMNS,
+    COMPUTE_NOTE,
     add_common_args,
-    best_seconds,
+    compute_figures,
     describe_device,
     device_from_args,
+    device_peak,
     load_cifar10,
+    measure_steps,
     report,
     script_main,
 )
 
-CSV_COLUMNS = ["defense", "width", "batch_size", "fit_img_per_s", "epoch_s", "epochs", "fit_est_s", "device"]
+CSV_COLUMNS = ["defense", "width", "precision", "batch_size", "fit_img_per_s", *COMPUTE_COLUMNS, "loss",
+               "epoch_est_s", "epochs", "fit_est_s", "device"]  # fmt: skip
+CPU_BF16 = "bf16 (cpu autocast)"
 
 
-def measure(width: int, args: argparse.Namespace, data, device: torch.device) -> dict:
-    train = data.train
+def autocast_loss_on_cpu(defense: Any) -> None:
+    """Run the defense's loss under CPU bf16 autocast, the region ``Refine.fit`` autocasts on CUDA.
+
+    Wrapping the whole fit instead would also put the augmentation's sampling grids (a bmm in
+    ``affine_grid``) in bf16, which the CUDA path never does.
+    """
+    loss = defense._loss
+
+    def autocast_loss(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss(x)
+
+    defense._loss = autocast_loss
+
+
+def refine_fit_runner(width: int | None, batch: int, model: nn.Module, train: ImageSet, device: torch.device,
+                      cpu_bf16: bool = False) -> Callable[[int], Any]:  # fmt: skip
+    """``run(k)``: a one-epoch REFINE fit of exactly ``k`` steps of ``batch`` images; returns the defense."""
+
+    def run(steps: int) -> Any:
+        n = steps * batch
+        if n > len(train):
+            raise BenchError(f"{steps} steps of {batch} images need {n} images; the training set has {len(train)}")
+        defense = DEFENSES.get("refine")(width=width, epochs=1, batch_size=batch)
+        defense.bind(model, device, seed=0)
+        if cpu_bf16:
+            autocast_loss_on_cpu(defense)
+        defense.fit(train.subset(torch.arange(n)), generator(0, "benchmark-refine"))
+        return defense
+
+    return run
+
+
+def precision_label(device: torch.device, cpu_bf16: bool) -> str:
+    if device.type == "cuda":
+        return "bf16 autocast" if DEFENSES.get("refine")().amp else "fp32"
+    return CPU_BF16 if cpu_bf16 else "fp32"
+
+
+def measure(width: int, cpu_bf16: bool, args: argparse.Namespace, train: ImageSet, device: torch.device) -> dict:
     model = build_model(args.model, train.num_classes, train.x.shape[1]).to(device).eval()
     reference = DEFENSES.get("refine")(width=width)  # the paper's settings for everything else
     batch = args.batch_size or reference.batch_size
     n_benign = round(reference.benign_fraction * len(train))
-
-    def fit(steps: int) -> None:
-        defense = DEFENSES.get("refine")(width=width, epochs=1, batch_size=batch)
-        defense.bind(model, device, seed=0)
-        defense.fit(train.subset(torch.arange(min(steps * batch, len(train)))), generator(0, "benchmark-refine"))
-
-    fit(1)  # warm-up
-    seconds = best_seconds(lambda: fit(args.steps), device, args.repeats)
-    rate = min(args.steps * batch, len(train)) / seconds
-    epoch_s = (n_benign // batch) * batch / rate
+    run = refine_fit_runner(width, batch, model, train, device, cpu_bf16)
+    rate = measure_steps(run, args.steps, device, args.repeats)
+    img_per_s = batch / rate.seconds_per_step
+    epoch_s = (n_benign // batch) * batch / img_per_s
     return {
-        "defense": "refine", "width": width, "batch_size": batch, "fit_img_per_s": round(rate, 1),
-        "epoch_s": round(epoch_s, 2), "epochs": reference.epochs, "fit_est_s": round(epoch_s * reference.epochs, 1),
+        "defense": "refine", "width": width, "precision": precision_label(device, cpu_bf16), "batch_size": batch,
+        "fit_img_per_s": round(img_per_s, 1),
+        **compute_figures(rate.flops_per_step, rate.seconds_per_step, batch, device_peak(device)),
+        "loss": round(float(getattr(rate.result, "_fit_loss", float("nan"))), 5),
+        "epoch_est_s": round(epoch_s, 2), "epochs": reference.epochs, "fit_est_s": round(epoch_s * reference.epochs, 1),
         "device": describe_device(device),
     }  # fmt: skip
+
+
+def loss_differences(rows: list[dict], steps: int) -> list[str]:
+    """For each width measured both ways: how far the bf16 mean loss lies from the fp32 one."""
+    lines = []
+    for row in rows:
+        if row["precision"] != CPU_BF16:
+            continue
+        fp32 = next(r for r in rows if r["width"] == row["width"] and r["precision"] == "fp32")
+        rel = abs(row["loss"] - fp32["loss"]) / abs(fp32["loss"])
+        lines.append(f"c={row['width']}: mean loss of the same {steps} steps, fp32 {fp32['loss']:.5f} vs "
+                     f"bf16 {row['loss']:.5f}: relative difference {rel:.2e}")  # fmt: skip
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,21 +133,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--widths", nargs="+", type=int, default=[64], help="U-Net base widths c (paper: 64)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: REFINE's (256)")
     parser.add_argument("--model", default="cifar_resnet18", help="the frozen classifier (default cifar_resnet18)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat (default 10)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat, after one untimed (default 10)")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="on a CPU, also measure each width with the loss under bf16 autocast")  # fmt: skip
     add_common_args(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    MODELS.get(args.model)
     DEFENSES.get("refine")
+    if args.steps < 1:
+        raise BenchError(f"--steps must be >= 1, got {args.steps}")
     device = device_from_args(args)
-    data = load_cifar10(args)
+    if args.cpu_bf16 and device.type != "cpu":
+        raise BenchError("--cpu-bf16 is for --device cpu; on CUDA the fit already runs under bf16 autocast")
+    train = load_cifar10(args).train
     rows = []
     for width in args.widths:
-        rows.append(measure(width, args, data, device))
-        print(f"  refine c={width}: {rows[-1]['fit_img_per_s']:,.1f} img/s", flush=True)
-    report(rows, CSV_COLUMNS, CSV_COLUMNS, args.csv,
-           f"epoch_s and fit_est_s are extrapolated from {args.steps} timed steps to REFINE's benign split and epochs.")
+        for cpu_bf16 in (False, True) if args.cpu_bf16 else (False,):
+            rows.append(measure(width, cpu_bf16, args, train, device))
+            row = rows[-1]
+            print(f"  refine c={width} {row['precision']}: {row['fit_img_per_s']:,.1f} img/s, "
+                  f"{row['achieved_tflops']} TFLOP/s", flush=True)  # fmt: skip
+    note = "\n".join([
+        COMPUTE_NOTE,
+        f"loss: the fit's mean loss over its {1 + args.steps} steps. epoch_est_s and fit_est_s are ESTIMATES, "
+        f"extrapolated from the {args.steps} timed steps to REFINE's benign split and epochs.",
+        *loss_differences(rows, 1 + args.steps),
+    ])  # fmt: skip
+    report(rows, CSV_COLUMNS, CSV_COLUMNS, args.csv, note)
     return rows
 
 
