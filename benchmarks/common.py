@@ -32,7 +32,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.core.data import DataPaths, DataSplit, load_dataset
+from bench.core.data import DataPaths, DataSplit, ImageSet, load_dataset
 from bench.core.device import resolve_device
 from bench.core.errors import BenchError
 from bench.nn.train import TrainRecipe
@@ -52,6 +52,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def load_cifar10(args: argparse.Namespace) -> DataSplit:
     return load_dataset("cifar10", DataPaths.resolve(args.data_root, args.cache_dir))
+
+
+def random_subset(images: ImageSet, n: int | None, seed: int = 0) -> ImageSet:
+    """A fixed random subset of ``n`` images in their stored order (the stored set is ordered by
+    class, so its first ``n`` would be one class); all of them when ``n`` is None."""
+    if n is None:
+        return images
+    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[: max(1, n)]
+    return images.subset(keep.sort().values)
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:

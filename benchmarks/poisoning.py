@@ -78,8 +78,10 @@ from benchmarks.common import (
     describe_device,
     device_from_args,
     load_cifar10,
+    random_subset,
     report,
     script_main,
+    significant,
 )
 
 CSV_COLUMNS = ["attack", "triggered", "batched_img_per_s", "per_sample_img_per_s", "ratio", "batched_s",
@@ -344,8 +346,8 @@ def measure_attack(name: str, setup: EpochSetup, args: argparse.Namespace, devic
         "batched_img_per_s": round(n / batched_s, 1),
         "per_sample_img_per_s": round(n / per_sample_s, 1),
         "ratio": round(per_sample_s / batched_s, 2),
-        "batched_s": round(batched_s, 4),
-        "per_sample_s": round(per_sample_s, 3),
+        "batched_s": significant(batched_s),
+        "per_sample_s": significant(per_sample_s),
         "max_diff_uint8": agreement.max_diff_uint8,
         "uint8_mismatches": agreement.uint8_mismatches,
     }
@@ -373,9 +375,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         raise BenchError("--rate must be in (0, 1), --batch-size >= 1 and --loader-workers >= 0")
     device = device_from_args(args)
     train = load_cifar10(args).train
-    if args.images is not None:  # a random subset: the stored set is ordered by class
-        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: max(1, args.images)]
-        train = train.subset(keep.sort().values)
+    train = random_subset(train, args.images)
     where = describe_device(device)
     print(f"one epoch of {len(train):,} images, batches of {args.batch_size}, rate {args.rate}: batched on {where}, "
           f"per-sample through a DataLoader with {args.loader_workers} workers", flush=True)  # fmt: skip

@@ -1,9 +1,10 @@
 """The GPU-first code paths, kept honest on the CPU.
 
-The batched poisoning path must produce exactly what a per-sample ``__getitem__`` pipeline
-produces (otherwise the benchmark's ratio compares different work); the device comes from the
-config and nothing in training or evaluation assumes CUDA; the benchmark scripts run with
-``--device cpu`` and write the CSV the documentation describes.
+The batched poisoning path must deliver what a per-sample ``__getitem__`` pipeline delivers
+(otherwise the benchmark's ratio compares different work); the device comes from the config and
+nothing in training or evaluation assumes CUDA; the benchmark scripts run with ``--device cpu``
+and write the CSV the documentation describes. FLOP counting, step timing and the peak table
+have their own tests in ``test_benchmark_compute.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from bench.nn.train import TrainRecipe, make_scheduler, train_classifier
 from bench.orchestration.config import load_config
 from bench.orchestration.grid import compile_grid
 from benchmarks import grid_walltime, poisoning, training
-from benchmarks.common import recipe_settings
+from benchmarks.common import random_subset, recipe_settings
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_ATTACKS = ["badnets", "blended", "wanet", "physical_ba", "batt", "label_consistent", "adaptive_patch"]
@@ -41,30 +42,51 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", ATTACKS.names())
-def test_batched_poisoning_equals_the_per_sample_reference_on_real_images(cifar10, name):
-    attack = poisoning.fitted_attack(name, cifar10.train.subset(torch.arange(500)), torch.device("cpu"))
-    images = cifar10.test.x[:37]  # 37: the chunks of 16 end with a ragged one
-    reference = poisoning.per_sample_poison(attack, poisoning.as_stored_arrays(images))
-    batched = poisoning.batched_poison(attack, images, chunk=16, keep=len(images))
-    assert batched.dtype == reference.dtype == torch.float32
-    assert torch.equal(batched, reference)
-    assert torch.equal(batched, to_float(attack.apply(images)))  # chunking changes nothing
+def _epoch(cifar10, name: str, n: int = 300):
+    train = random_subset(cifar10.train, n)
+    attack = poisoning.fitted_attack(name, train, torch.device("cpu"))
+    return poisoning.epoch_setup(name, attack, train, rate=0.1, target=0)
 
 
-def test_both_poisoning_paths_actually_apply_the_trigger(cifar10):
-    attack = poisoning.fitted_attack("badnets", cifar10.train, torch.device("cpu"))
-    images = cifar10.test.x[:8]
-    reference = poisoning.per_sample_poison(attack, poisoning.as_stored_arrays(images))
-    assert bool((reference[:, :, -3:, -3:] == 1).all())  # the white 3x3 patch, bottom-right
-    assert torch.equal(reference[:, :, :29], to_float(images)[:, :, :29])
+@pytest.mark.parametrize("name", sorted(poisoning.REFERENCES))
+def test_both_poisoning_paths_deliver_the_same_epoch_on_real_images(cifar10, name):
+    setup = _epoch(cifar10, name)
+    expected = round(setup.attack.poisoning_rate(0.1) * len(setup.train)) + setup.poisoned.cover_index.numel()
+    assert len(setup.dataset.triggered) == expected > 0
+    agreement = poisoning.compare_epochs(name, setup, batch=32, device=torch.device("cpu"))  # 300 = 9 x 32 + 12
+    if poisoning.REFERENCES[name].uint8_exact:
+        assert agreement.max_diff_uint8 == 0 and agreement.uint8_mismatches == 0
+    else:  # the per-sample path keeps a float warp; the harness a uint8 one
+        assert 0 < agreement.max_diff_uint8 <= 0.5 + 255 * poisoning.FLOAT_SLACK
 
 
-def test_chunk_size_follows_the_device():
-    cifar = poisoning.auto_chunk(torch.device("cpu"), (3, 32, 32))
-    assert 8 <= cifar and cifar * 3 * 32 * 32 * 4 <= poisoning.CPU_CHUNK_BYTES
-    assert poisoning.auto_chunk(torch.device("cpu"), (3, 224, 224)) >= 8
-    assert poisoning.auto_chunk(torch.device("cuda"), (3, 32, 32)) > cifar
+def test_the_epoch_streams_carry_the_trigger_and_the_attackers_labels(cifar10):
+    setup = _epoch(cifar10, "badnets")
+    index = setup.poisoned.poisoned_index
+    for stream in (poisoning.batched_epoch, poisoning.per_sample_epoch):
+        batches = list(stream(setup, 64, torch.device("cpu")))
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        assert x.dtype == torch.float32 and x.shape == (300, 3, 32, 32)
+        assert bool((x[index][:, :, -3:, -3:] == 1).all())  # the white 3x3 patch, bottom-right
+        clean = torch.ones(300, dtype=torch.bool)
+        clean[index] = False
+        assert torch.equal(x[clean], to_float(setup.train.x[clean]))
+        assert bool((y[index] == 0).all()) and torch.equal(y[clean], setup.train.y[clean])
+
+
+def test_the_agreement_check_fails_when_a_path_skips_the_trigger(cifar10, monkeypatch):
+    def no_trigger(attack, poisoned, shape):
+        return lambda index, image: poisoning.TO_TENSOR(image)
+
+    monkeypatch.setitem(poisoning.REFERENCES, "badnets", poisoning.Reference(no_trigger, True))
+    setup = _epoch(cifar10, "badnets")
+    with pytest.raises(BenchError, match="differs from the batched one"):
+        poisoning.compare_epochs("badnets", setup, batch=32, device=torch.device("cpu"))
+
+
+def test_attacks_without_a_per_sample_path_are_refused_before_any_work(cifar_paths, capsys):
+    assert poisoning.main(_args(cifar_paths, "--attacks", "label_consistent")) == 2
+    assert "no per-sample reference path" in capsys.readouterr().err
 
 
 def _args(cifar_paths, *extra: str) -> list[str]:
@@ -74,19 +96,21 @@ def _args(cifar_paths, *extra: str) -> list[str]:
 
 def test_poisoning_benchmark_runs_on_cpu_and_writes_the_documented_csv(tmp_path, cifar10, cifar_paths, capsys):
     out = tmp_path / "poisoning.csv"
-    argv = _args(cifar_paths, "--attacks", "badnets", "blended", "--images", "512", "--limit", "48", "--csv", str(out))
+    argv = _args(cifar_paths, "--attacks", "badnets", "wanet", "--images", "512", "--csv", str(out))
     assert poisoning.main(argv) == 0
     with open(out, newline="") as fh:
         reader = csv.DictReader(fh)
         rows = list(reader)
-    assert reader.fieldnames == ["attack", "batched_img_per_s", "per_sample_img_per_s", "ratio", "device"]
-    assert [r["attack"] for r in rows] == ["badnets", "blended"]
+    assert reader.fieldnames == poisoning.CSV_COLUMNS
+    assert [r["attack"] for r in rows] == ["badnets", "wanet"]
     for r in rows:
-        batched, per_sample = float(r["batched_img_per_s"]), float(r["per_sample_img_per_s"])
-        assert batched > 0 and per_sample > 0 and r["device"].startswith("cpu")
-        assert float(r["ratio"]) == pytest.approx(batched / per_sample, rel=0.01)
-    printed = capsys.readouterr().out
-    assert "extrapolated from 48 timed images to 512" in printed and "max_abs_diff" in printed
+        batched_s, per_sample_s = float(r["batched_s"]), float(r["per_sample_s"])
+        assert int(r["triggered"]) == round(0.1 * 512) and r["device"].startswith("cpu")
+        assert float(r["batched_img_per_s"]) == pytest.approx(512 / batched_s, rel=0.01)
+        assert float(r["per_sample_img_per_s"]) == pytest.approx(512 / per_sample_s, rel=0.01)
+        assert float(r["ratio"]) == pytest.approx(per_sample_s / batched_s, rel=0.01)
+    assert float(rows[0]["max_diff_uint8"]) == 0 and 0 < float(rows[1]["max_diff_uint8"]) <= 0.51
+    assert "outputs agree" in capsys.readouterr().out
 
 
 def test_benchmark_user_errors_exit_2_with_one_line(cifar_paths, capsys):
@@ -108,8 +132,11 @@ def test_training_benchmark_measures_on_cpu(tmp_path, cifar10, cifar_paths):
     n_train = len(cifar10.train) - round(holdout * len(cifar10.train))
     assert rate > 0 and float(row["eval_img_per_s"]) > 0 and row["device"].startswith("cpu")
     expected_epoch = (n_train // recipe.batch_size) * recipe.batch_size / rate
-    assert float(row["epoch_s"]) == pytest.approx(expected_epoch, rel=0.01)
+    assert float(row["epoch_est_s"]) == pytest.approx(expected_epoch, rel=0.01)
     assert float(row["train_est_s"]) == pytest.approx(expected_epoch * recipe.epochs, rel=0.01)
+    assert row["precision"] == "fp32" and row["peak_tflops"] == row["peak_pct"] == "unknown"
+    gflop = float(row["gflop_per_img"])
+    assert gflop > 0 and float(row["achieved_tflops"]) == pytest.approx(gflop * rate / 1000, rel=0.01)
 
 
 def test_device_comes_from_the_config_and_cuda_is_never_assumed(monkeypatch):
@@ -187,9 +214,9 @@ def test_one_cycle_schedule_works_for_any_run_length(total_steps):
 
 def test_grid_estimate_is_trainings_times_epochs_plus_fits_plus_evaluation(tmp_path):
     training_csv, refine_csv, out = tmp_path / "training.csv", tmp_path / "refine.csv", tmp_path / "estimate.csv"
-    training_csv.write_text("model,recipe,batch_size,epochs,train_img_per_s,epoch_s,train_est_s,eval_img_per_s,device\n"
+    training_csv.write_text("model,recipe,batch_size,epochs,train_img_per_s,epoch_est_s,train_est_s,eval_img_per_s,device\n"
                             "cifar_resnet18,paper,128,150,1000,40,6000,1900,cuda:0 (X)\n")  # fmt: skip
-    refine_csv.write_text("defense,width,batch_size,fit_img_per_s,epoch_s,epochs,fit_est_s,device\n"
+    refine_csv.write_text("defense,width,batch_size,fit_img_per_s,epoch_est_s,epochs,fit_est_s,device\n"
                           "refine,64,256,500,20,150,3000,cuda:0 (X)\n")  # fmt: skip
     argv = ["estimate", str(REPO / "configs" / "cifar10_paper.yaml"), "--training-csv", str(training_csv),
             "--refine-csv", str(refine_csv), "--csv", str(out)]  # fmt: skip
