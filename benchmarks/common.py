@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.core.data import DataPaths, DataSplit, ImageSet, load_dataset
 from bench.core.device import resolve_device
 from bench.core.errors import BenchError
+from bench.core.models import build_model
 from bench.nn.train import TrainRecipe
 from bench.orchestration.config import GridConfig, read_yaml
 
@@ -61,6 +62,14 @@ def random_subset(images: ImageSet, n: int | None, seed: int = 0) -> ImageSet:
         return images
     keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[: max(1, n)]
     return images.subset(keep.sort().values)
+
+
+def seeded_model(name: str, train: ImageSet, seed: int = 0) -> torch.nn.Module:
+    """A registered model for ``train``'s classes and channels, initialised from ``seed``: every row
+    of a run (fp32 and bf16, say) starts from the same weights, and so does every run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(name, train.num_classes, train.x.shape[1])
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:

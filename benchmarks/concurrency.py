@@ -36,7 +36,6 @@ import torch
 from bench.core.data import ImageSet
 from bench.core.device import resolve_device
 from bench.core.errors import BenchError
-from bench.core.models import build_model
 from bench.core.registry import DEFENSES, MODELS
 from benchmarks.common import (
     StepMeter,
@@ -48,6 +47,7 @@ from benchmarks.common import (
     recipe_settings,
     report,
     script_main,
+    seeded_model,
     synchronize,
 )
 from benchmarks.refine_fit import refine_fit_runner
@@ -79,12 +79,12 @@ def build_job(spec: JobSpec, train: ImageSet, device: torch.device) -> tuple[Any
     """(``run(k)`` doing ``k`` steps of the job, images per step)."""
     if spec.job == "refine":
         batch = spec.batch_size or DEFENSES.get("refine")().batch_size
-        model = build_model(spec.model, train.num_classes, train.x.shape[1]).to(device).eval()
+        model = seeded_model(spec.model, train).to(device).eval()
         return refine_fit_runner(spec.width, batch, model, train, device), batch
     recipe = recipe_settings(spec.recipe)[0]
     if spec.batch_size:
         recipe = replace(recipe, batch_size=spec.batch_size)
-    model = build_model(spec.model, train.num_classes, train.x.shape[1])
+    model = seeded_model(spec.model, train)
     return training_runner(model, train, recipe, device, desc=f"train {spec.model}"), recipe.batch_size
 
 

@@ -280,7 +280,10 @@ def per_sample_epoch(setup: EpochSetup, batch: int, device: torch.device, worker
     if workers == 0:
         torch.set_num_threads(1)
     try:
-        for x, y in DataLoader(setup.dataset, batch_size=batch, shuffle=False, num_workers=workers):
+        # Workers are forked: the dataset's trigger is a closure, which a spawned worker could not unpickle.
+        loader = DataLoader(setup.dataset, batch_size=batch, shuffle=False, num_workers=workers,
+                            multiprocessing_context="fork" if workers else None)  # fmt: skip
+        for x, y in loader:
             yield x.to(device), y.to(device)
     finally:
         torch.set_num_threads(threads)

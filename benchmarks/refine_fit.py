@@ -35,7 +35,6 @@ from torch import nn
 
 from bench.core.data import ImageSet
 from bench.core.errors import BenchError
-from bench.core.models import build_model
 from bench.core.registry import DEFENSES, MODELS
 from bench.core.seeding import generator
 from benchmarks.common import (
@@ -50,6 +49,7 @@ from benchmarks.common import (
     measure_steps,
     report,
     script_main,
+    seeded_model,
 )
 
 CSV_COLUMNS = ["defense", "width", "precision", "batch_size", "fit_img_per_s", *COMPUTE_COLUMNS, "loss",
@@ -97,7 +97,7 @@ def precision_label(device: torch.device, cpu_bf16: bool) -> str:
 
 
 def measure(width: int, cpu_bf16: bool, args: argparse.Namespace, train: ImageSet, device: torch.device) -> dict:
-    model = build_model(args.model, train.num_classes, train.x.shape[1]).to(device).eval()
+    model = seeded_model(args.model, train).to(device).eval()
     reference = DEFENSES.get("refine")(width=width)  # the paper's settings for everything else
     batch = args.batch_size or reference.batch_size
     n_benign = round(reference.benign_fraction * len(train))

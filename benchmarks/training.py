@@ -33,7 +33,6 @@ from torch import nn
 from bench.core.data import ImageSet
 from bench.core.errors import BenchError
 from bench.core.metrics import predict_labels
-from bench.core.models import build_model
 from bench.core.registry import MODELS
 from bench.nn.train import TrainRecipe, train_classifier
 from benchmarks.common import (
@@ -50,6 +49,7 @@ from benchmarks.common import (
     recipe_settings,
     report,
     script_main,
+    seeded_model,
 )
 
 CSV_COLUMNS = ["model", "recipe", "precision", "batch_size", "epochs", "train_img_per_s", *COMPUTE_COLUMNS,
@@ -82,7 +82,7 @@ def measure(model_name: str, recipe_name: str, args: argparse.Namespace, data, d
     test = data.test.x[: args.eval_images] if args.eval_images else data.test.x
     n_train = len(train) - round(holdout * len(train))
     batch = recipe.batch_size
-    model = build_model(model_name, train.num_classes, train.x.shape[1])
+    model = seeded_model(model_name, train)
     run = training_runner(model, train, recipe, device, desc=f"{model_name} {recipe_name}")
     run(args.warmup)
     # A compiled model is traced on its first call; FlopCounterMode must not watch that trace.

@@ -26,6 +26,7 @@ from benchmarks.common import (
     device_peak,
     peak_for_name,
     random_subset,
+    seeded_model,
 )
 
 CPU = torch.device("cpu")
@@ -60,12 +61,12 @@ def test_the_counted_refine_step_is_the_fit_minus_its_end_of_fit_check(mnist):
     model = build_model("small_cnn", 10, 1, width=8).eval()
     batch = 16
     train = mnist.train.subset(torch.arange(64))
-    run = refine_fit_runner = refine_fit.refine_fit_runner(4, batch, model, train, CPU)
+    run = refine_fit.refine_fit_runner(4, batch, model, train, CPU)
     with FlopCounterMode(display=False) as whole:
         defense = run(1)
     check = flops_of(lambda: defense._unet(to_float(train.x[:batch])))
     with StepMeter(CPU, steps=1) as meter:
-        refine_fit_runner(2)
+        run(2)
     assert meter.flops is not None and meter.flops > 0
     assert meter.flops == whole.get_total_flops() - check
     # the step holds three passes of the frozen model (pseudo-labels, forward, backward to the input)
@@ -230,3 +231,12 @@ def test_random_subset_mixes_classes(cifar10):
     subset = random_subset(cifar10.train, 200)
     assert len(subset) == 200 and len(set(subset.y.tolist())) == 10
     assert random_subset(cifar10.train, None) is cifar10.train
+
+
+def test_every_row_starts_from_the_same_model_weights(cifar10):
+    before = torch.random.get_rng_state()
+    first, second = seeded_model("small_cnn", cifar10.train), seeded_model("small_cnn", cifar10.train)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True))
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global stream is left alone
+    other = seeded_model("small_cnn", cifar10.train, seed=1)
+    assert not torch.equal(next(iter(first.parameters())), next(iter(other.parameters())))
