@@ -12,7 +12,7 @@ the union of their windows (first start to last end), i.e. the aggregate images/
 
     python benchmarks/concurrency.py [--jobs refine train] [--procs 1 2 4] [--steps 20] [--csv FILE]
 
-On a CPU the processes share the cores: each gets ``cores / procs`` threads unless ``--threads``
+On a CPU the processes share the cores: each gets ``usable cores / procs`` threads unless ``--threads``
 says otherwise. Tiny sizes for a smoke test: ``--images 64 --batch-size 4 --width 4 --model small_cnn``.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import queue
 import sys
 import tempfile
@@ -34,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 import torch
 
 from bench.core.data import ImageSet
+from bench.core.determinism import usable_cores
 from bench.core.device import resolve_device
 from bench.core.errors import BenchError
 from bench.core.registry import DEFENSES, MODELS
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.save({"x": train.x, "y": train.y, "classes": train.classes}, data_file)
         for job in args.jobs:
             for procs in args.procs:
-                threads = args.threads or (max(1, (os.cpu_count() or 1) // procs) if device.type == "cpu" else None)
+                threads = args.threads or (max(1, usable_cores() // procs) if device.type == "cpu" else None)
                 spec = JobSpec(job, str(device), data_file, args.steps, args.batch_size, args.width, args.model,
                                args.recipe, threads)  # fmt: skip
                 new = rows_for(spec, procs, run_concurrently(spec, procs), where)
