@@ -12,17 +12,19 @@ positions, both drawn from ``pattern_seed``: nothing is downloaded.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from attacks.base import Attack, PoisonedSet
 from attacks.patterns import seeded_uniform
 from bench.core.data import ImageSet
 from bench.core.device import to_float, to_uint8
-from bench.core.errors import BenchError
-from bench.core.params import require_between, require_count
+from bench.core.params import PluginParams
+from bench.core.plugin import DatasetMeta
 from bench.core.registry import ATTACKS
 
 
@@ -30,47 +32,47 @@ from bench.core.registry import ATTACKS
 class AdaptivePatch(Attack):
     """4 seeded patches blended at 0.5/0.5/0.2/0.3 on 1% poisoned + 2% cover samples; full strength at test."""
 
-    def __init__(
-        self,
-        alphas: list[float] | tuple[float, ...] = (0.5, 0.5, 0.2, 0.3),
-        poison_rate: float | None = 0.01,
-        cover_rate: float = 0.02,
-        test_alpha: float = 1.0,
-        size: int | None = None,
-        pattern_seed: int = 0,
-        **params: Any,
-    ) -> None:
-        super().__init__(**params)
-        if not alphas or not all(0 < a <= 1 for a in alphas):
-            raise BenchError(f"adaptive_patch: alphas must be a non-empty list of values in (0, 1], got {alphas}")
-        require_between(self.name, "poison_rate", poison_rate, 0, 1, "()", or_null="the grid's rate")
-        require_between(self.name, "cover_rate", cover_rate, 0, 1, "[)")
-        require_between(self.name, "test_alpha", test_alpha, 0, 1, "(]")
-        if size is not None:
-            require_count(self.name, "size", size)
-        self.alphas = [float(a) for a in alphas]
-        self.poison_rate = poison_rate
-        self.cover_rate = cover_rate
-        self.test_alpha = test_alpha
-        self.size = size
-        self.pattern_seed = pattern_seed
+    class Params(PluginParams):
+        alphas: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+            [0.5, 0.5, 0.2, 0.3], min_length=1, description="training-time opacity of each patch (one patch per value)")
+        poison_rate: float | None = Field(
+            0.01, gt=0, lt=1, description="share of the training set poisoned; null: the grid's rate")
+        cover_rate: float = Field(0.02, ge=0, lt=1, description="share of the training set stamped but not relabelled")
+        test_alpha: float = Field(1.0, gt=0, le=1, description="opacity of every patch at test time")
+        size: int | None = Field(None, ge=1, description="patch side in pixels; null: an eighth of the shorter side")
+        pattern_seed: int = Field(0, description="seed of the patches' colours and positions")
+
+    params: Params
+
+    def __init__(self, params: PluginParams | Mapping[str, Any] | None = None, **raw: Any) -> None:
+        super().__init__(params, **raw)
         self._cache: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
 
     def patch_size(self, height: int, width: int) -> int:
         """The configured size, else an eighth of the shorter side (4 px on CIFAR-10)."""
-        return self.size if self.size is not None else max(2, min(height, width) // 8)
+        size = self.params.size
+        return size if size is not None else max(2, min(height, width) // 8)
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """(patch side, rows, columns) of the grid of cells the patches are placed on."""
+        s = self.patch_size(height, width)
+        k = len(self.params.alphas)
+        if (height // s) * (width // s) < k:
+            self.fail(f"{k} patches of {s}x{s} px do not fit a {height}x{width} image")
+        return s, height // s, width // s
+
+    def check(self, meta: DatasetMeta) -> None:
+        self.patch_grid(meta.height, meta.width)
 
     def patches(self, channels: int, height: int, width: int) -> tuple[Tensor, Tensor]:
         """(marks, masks): k images (k, C, H, W) holding one patch each, and their 0/1 masks (k, 1, H, W)."""
         key = (channels, height, width)
         if key not in self._cache:
-            k, s = len(self.alphas), self.patch_size(height, width)
-            cells_r, cells_c = height // s, width // s
-            if cells_r * cells_c < k:
-                raise BenchError(f"adaptive_patch: {k} patches of {s}x{s} px do not fit a {height}x{width} image")
-            gen = torch.Generator().manual_seed(self.pattern_seed)
+            k = len(self.params.alphas)
+            s, cells_r, cells_c = self.patch_grid(height, width)
+            gen = torch.Generator().manual_seed(self.params.pattern_seed)
             cells = torch.randperm(cells_r * cells_c, generator=gen)[:k].tolist()
-            colours = seeded_uniform((k, channels, s, s), self.pattern_seed)
+            colours = seeded_uniform((k, channels, s, s), self.params.pattern_seed)
             marks = torch.zeros(k, channels, height, width)
             masks = torch.zeros(k, 1, height, width)
             for j, cell in enumerate(cells):
@@ -90,19 +92,20 @@ class AdaptivePatch(Attack):
     def trigger(self, x: Tensor) -> Tensor:
         """Test time: every patch at full strength (``test_alpha``)."""
         n = x.shape[0]
-        for j in range(len(self.alphas)):
-            x = self.blend(x, torch.full((n,), j, dtype=torch.int64), torch.full((n,), self.test_alpha))
+        for j in range(len(self.params.alphas)):
+            x = self.blend(x, torch.full((n,), j, dtype=torch.int64), torch.full((n,), self.params.test_alpha))
         return x
 
     def weak_patches(self, x: Tensor) -> Tensor:
         """Training time: sample ``i`` of the batch gets patch ``i mod k`` at that patch's low alpha."""
-        which = torch.arange(x.shape[0]) % len(self.alphas)
-        return to_uint8(self.blend(to_float(x), which, torch.tensor(self.alphas)[which]).clamp(0, 1))
+        alphas = self.params.alphas
+        which = torch.arange(x.shape[0]) % len(alphas)
+        return to_uint8(self.blend(to_float(x), which, torch.tensor(alphas)[which]).clamp(0, 1))
 
     def poison_train(self, train: ImageSet, rate: float, target: int, gen: torch.Generator) -> PoisonedSet:
         """Weak patches on the poisoned samples (relabelled) and on the cover samples (labels kept)."""
         index = self.select_poison_index(train, rate, target, gen)
-        cover = self.select_cover_index(train, round(self.cover_rate * len(train)), index, gen)
+        cover = self.select_cover_index(train, round(self.params.cover_rate * len(train)), index, gen)
         x, y = train.x.clone(), train.y.clone()
         if index.numel():
             x[index] = self.weak_patches(train.x[index])

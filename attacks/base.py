@@ -4,13 +4,17 @@ A subclass implements :meth:`Attack.trigger` on float images in [0, 1] for a who
 base class handles uint8 conversion, choosing which training samples to poison, relabelling
 them, and building the ASR test set (target-class samples removed). Attacks with state (a WaNet
 warping field, clean-label perturbations) draw it in :meth:`fit`.
+
+Parameters are declared once in a nested ``Params`` model (see :mod:`bench.core.plugin`); the
+attack reads them from ``self.params``. Checks that need the dataset's image size go in
+:meth:`~bench.core.plugin.Plugin.check`, which every grid calls before any work.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +22,7 @@ from torch import Tensor, nn
 from bench.core.data import ImageSet
 from bench.core.device import to_float, to_uint8
 from bench.core.errors import BenchError
+from bench.core.plugin import Plugin
 
 
 @dataclass
@@ -39,17 +44,12 @@ class FitContext:
     train_clean_model: Callable[[], nn.Module] | None = None
 
 
-class Attack:
-    """Base class of all attacks. Parameters come from the config as keyword arguments."""
+class Attack(Plugin):
+    """Base class of all attacks. Parameters come from the config, validated by ``Params``."""
 
-    name: ClassVar[str] = ""
     # Clean-label attacks poison target-class samples and keep every label (Label-Consistent);
     # the others relabel non-target samples to the target (all-to-one).
     clean_label: ClassVar[bool] = False
-
-    def __init__(self, **params: Any) -> None:
-        if params:
-            raise BenchError(f"attack {self.name!r}: unknown parameters {sorted(params)}")
 
     # ------------------------------------------------------------------ to implement
     def trigger(self, x: Tensor) -> Tensor:
@@ -72,7 +72,7 @@ class Attack:
     def poisoning_rate(self, rate: float) -> float:
         """The share of the training set this attack poisons: the attack's own ``poison_rate``
         parameter when it has one and it is set (Adaptive-Patch's 1%), else the grid's rate."""
-        own = getattr(self, "poison_rate", None)
+        own = getattr(self.params, "poison_rate", None)
         return rate if own is None else float(own)
 
     def select_poison_index(self, train: ImageSet, rate: float, target: int, gen: torch.Generator) -> Tensor:
@@ -113,7 +113,3 @@ class Attack:
         """Triggered test images with their true labels, target-class samples removed."""
         keep = test.y != target
         return self.apply(test.x[keep]), test.y[keep]
-
-    def describe(self) -> dict[str, Any]:
-        """The parameters that determine this attack's effect (part of cache keys)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}

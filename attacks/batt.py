@@ -8,13 +8,12 @@ backdoor. The angle is a config value (16 degrees by default).
 
 from __future__ import annotations
 
-from typing import Any
-
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from attacks.base import Attack
 from attacks.transforms import rotate
-from bench.core.errors import BenchError
+from bench.core.params import PluginParams
 from bench.core.registry import ATTACKS
 
 
@@ -22,11 +21,17 @@ from bench.core.registry import ATTACKS
 class BATT(Attack):
     """Transformation trigger: every poisoned image rotated by a fixed angle (16 degrees), black fill."""
 
-    def __init__(self, angle: float = 16.0, **params: Any) -> None:
-        super().__init__(**params)
-        if not -180 < angle <= 180 or angle == 0:
-            raise BenchError(f"batt: angle must be a non-zero number of degrees in (-180, 180], got {angle}")
-        self.angle = float(angle)
+    class Params(PluginParams):
+        angle: float = Field(16.0, gt=-180, le=180, description="rotation in degrees, counter-clockwise; not 0")
+
+        @field_validator("angle")
+        @classmethod
+        def _not_zero(cls, value: float) -> float:
+            if value == 0:
+                raise ValueError("must be a non-zero number of degrees in (-180, 180]")
+            return value
+
+    params: Params
 
     def trigger(self, x: Tensor) -> Tensor:
-        return rotate(x, self.angle)
+        return rotate(x, self.params.angle)

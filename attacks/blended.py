@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from attacks.base import Attack
 from attacks.patterns import load_image, seeded_uniform
-from bench.core.errors import BenchError
+from bench.core.params import PluginParams
 from bench.core.registry import ATTACKS
 
 
@@ -16,19 +19,28 @@ from bench.core.registry import ATTACKS
 class Blended(Attack):
     """(1 - alpha) * x + alpha * blend image; alpha 0.1, a seeded noise image or an image file."""
 
-    def __init__(self, alpha: float = 0.1, pattern: str = "noise", pattern_seed: int = 0, **params: Any) -> None:
-        super().__init__(**params)
-        if not 0 < alpha <= 1:
-            raise BenchError(f"blended: alpha must be in (0, 1], got {alpha}")
-        self.alpha = alpha
-        self.pattern = pattern  # "noise" or a path to an image file
-        self.pattern_seed = pattern_seed
+    class Params(PluginParams):
+        alpha: float = Field(0.1, gt=0, le=1, description="opacity of the blended image")
+        pattern: str = Field("noise", description="'noise' (a seeded uniform noise image) or the path of an image file")
+        pattern_seed: int = Field(0, description="seed of the noise image")
+
+        @field_validator("pattern")
+        @classmethod
+        def _image_exists(cls, value: str) -> str:
+            if value != "noise" and not Path(value).expanduser().is_file():
+                raise ValueError("must be 'noise' or an existing image file")
+            return value
+
+    params: Params
+
+    def __init__(self, params: PluginParams | Mapping[str, Any] | None = None, **raw: Any) -> None:
+        super().__init__(params, **raw)
         self._blend_cache: dict[tuple[int, int, int], Tensor] = {}
 
     def blend_image(self, channels: int, height: int, width: int) -> Tensor:
-        if self.pattern == "noise":
-            return seeded_uniform((channels, height, width), self.pattern_seed)
-        return load_image(self.pattern, channels, (height, width))
+        if self.params.pattern == "noise":
+            return seeded_uniform((channels, height, width), self.params.pattern_seed)
+        return load_image(self.params.pattern, channels, (height, width))
 
     def trigger(self, x: Tensor) -> Tensor:
         _, c, h, w = x.shape
@@ -36,4 +48,4 @@ class Blended(Attack):
         if key not in self._blend_cache:
             self._blend_cache[key] = self.blend_image(c, h, w)
         image = self._blend_cache[key].to(device=x.device, dtype=x.dtype)
-        return (1 - self.alpha) * x + self.alpha * image
+        return (1 - self.params.alpha) * x + self.params.alpha * image

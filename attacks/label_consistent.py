@@ -15,10 +15,12 @@ every target-class training image -- a much easier backdoor than the paper's par
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -26,7 +28,8 @@ from attacks.base import Attack, FitContext, PoisonedSet
 from bench.core.data import ImageSet
 from bench.core.device import to_float, to_uint8
 from bench.core.errors import BenchError
-from bench.core.params import require, require_between, require_count
+from bench.core.params import PluginParams
+from bench.core.plugin import DatasetMeta
 from bench.core.registry import ATTACKS
 
 
@@ -65,27 +68,19 @@ class LabelConsistent(Attack):
 
     clean_label = True
 
-    def __init__(
-        self,
-        eps: float = 8 / 255,
-        step: float = 1.5 / 255,
-        steps: int = 100,
-        amplitude: float = 1.0,
-        size: int = 3,
-        poison_rate: float | None = None,
-        **params: Any,
-    ) -> None:
-        super().__init__(**params)
-        require(eps >= 0 and step > 0 and steps >= 0, self.name, "eps must be >= 0, step > 0 and steps >= 0")
-        require_between(self.name, "amplitude", amplitude, 0, 1, "(]")
-        require_count(self.name, "size", size)
-        require_between(self.name, "poison_rate", poison_rate, 0, 1, "()", or_null="the grid's rate")
-        self.eps = eps
-        self.step = step
-        self.steps = steps
-        self.amplitude = amplitude
-        self.size = size
-        self.poison_rate = poison_rate
+    class Params(PluginParams):
+        eps: float = Field(8 / 255, ge=0, description="L-inf radius of the PGD perturbation, in [0, 1] pixel units")
+        step: float = Field(1.5 / 255, gt=0, description="PGD step size")
+        steps: int = Field(100, ge=0, description="PGD steps")
+        amplitude: float = Field(1.0, gt=0, le=1, description="opacity of the corner checkerboards")
+        size: int = Field(3, ge=1, description="side of each corner checkerboard in pixels")
+        poison_rate: float | None = Field(
+            None, gt=0, lt=1, description="share of the training set poisoned (from the target class); null: the grid's rate")
+
+    params: Params
+
+    def __init__(self, params: PluginParams | Mapping[str, Any] | None = None, **raw: Any) -> None:
+        super().__init__(params, **raw)
         self._ctx: FitContext | None = None
 
     def fit(self, train: ImageSet, gen: torch.Generator, ctx: FitContext | None = None) -> None:
@@ -94,9 +89,9 @@ class LabelConsistent(Attack):
 
     def corner_masks(self, height: int, width: int) -> tuple[Tensor, Tensor]:
         """(pattern, mask), each (H, W): a checkerboard mirrored into the four corners."""
-        s = self.size
+        s = self.params.size
         if 2 * s > min(height, width):
-            raise BenchError(f"label_consistent: {s}x{s} corner patterns do not fit a {height}x{width} image")
+            self.fail(f"{s}x{s} corner patterns do not fit a {height}x{width} image")
         ii, jj = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
         board = ((ii + jj) % 2 == 0).float()  # white at the outer corner pixel
         pattern = torch.zeros(height, width)
@@ -111,10 +106,13 @@ class LabelConsistent(Attack):
                 mask[rows, cols] = 1.0
         return pattern, mask
 
+    def check(self, meta: DatasetMeta) -> None:
+        self.corner_masks(meta.height, meta.width)
+
     def trigger(self, x: Tensor) -> Tensor:
         pattern, mask = self.corner_masks(x.shape[2], x.shape[3])
         pattern = pattern.to(device=x.device, dtype=x.dtype)
-        alpha = (self.amplitude * mask).to(device=x.device, dtype=x.dtype)
+        alpha = (self.params.amplitude * mask).to(device=x.device, dtype=x.dtype)
         return x + alpha * (pattern - x)
 
     def poison_train(self, train: ImageSet, rate: float, target: int, gen: torch.Generator) -> PoisonedSet:
@@ -127,7 +125,8 @@ class LabelConsistent(Attack):
             model = self._ctx.train_clean_model()
             device = self._ctx.device
             clean = to_float(train.x[index].to(device))
-            adv = pgd_away_from_label(model, clean, train.y[index].to(device), self.eps, self.step, self.steps, gen,
+            p = self.params
+            adv = pgd_away_from_label(model, clean, train.y[index].to(device), p.eps, p.step, p.steps, gen,
                                       desc="label_consistent PGD")  # fmt: skip
             x[index] = self.apply(to_uint8(adv)).cpu()
         return PoisonedSet(ImageSet(x, train.y.clone(), train.classes), index)

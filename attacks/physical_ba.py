@@ -10,15 +10,12 @@ a knob for short training runs, where always-shrunken training images cost clean
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from attacks.badnets import BadNets
 from attacks.transforms import random_affine, random_brightness
-from bench.core.errors import BenchError
-from bench.core.params import require_between
 from bench.core.registry import ATTACKS
 from bench.nn.augment import random_flip
 
@@ -27,37 +24,32 @@ from bench.nn.augment import random_flip
 class PhysicalBA(BadNets):
     """BadNets patch + per-sample flip, brightness 0.1, affine (rotate 10 deg, translate 0.1, scale 0.8-0.9) in training."""
 
-    def __init__(
-        self,
-        flip: bool = True,
-        brightness: float = 0.1,
-        degrees: float = 10.0,
-        translate: float = 0.1,
-        scale: tuple[float, float] | list[float] = (0.8, 0.9),
-        p: float = 1.0,
-        **params: Any,
-    ) -> None:
-        super().__init__(**params)
-        if brightness < 0 or degrees < 0 or not 0 <= translate < 1:
-            raise BenchError("physical_ba: brightness and degrees must be >= 0 and translate in [0, 1)")
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
-            raise BenchError(f"physical_ba: scale must be [low, high] with 0 < low <= high, got {scale}")
-        require_between(self.name, "p (share of transformed training images)", p, 0, 1)
-        self.flip = flip
-        self.brightness = brightness
-        self.degrees = degrees
-        self.translate = translate
-        self.scale = [float(scale[0]), float(scale[1])]
-        self.p = p
+    class Params(BadNets.Params):
+        flip: bool = Field(True, description="random horizontal flip of every training image")
+        brightness: float = Field(0.1, ge=0, description="brightness factor drawn from [1 - b, 1 + b]")
+        degrees: float = Field(10.0, ge=0, description="random rotation in [-degrees, degrees]")
+        translate: float = Field(0.1, ge=0, lt=1, description="random shift, as a share of the image size per axis")
+        scale: tuple[float, float] = Field((0.8, 0.9), description="random scaling range [low, high], 0 < low <= high")
+        p: float = Field(1.0, ge=0, le=1, description="share of the training images transformed (the paper: all)")
+
+        @field_validator("scale")
+        @classmethod
+        def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+            if not 0 < value[0] <= value[1]:
+                raise ValueError("must be [low, high] with 0 < low <= high")
+            return value
+
+    params: Params
 
     def train_augment(self, x: Tensor, gen: torch.Generator) -> Tensor:
         """The physical transformations on every training batch, parameters drawn per image; with
         ``p`` < 1 only that share of the images (drawn per image) is transformed."""
-        out = random_flip(x, gen) if self.flip else x
-        if self.brightness:
-            out = random_brightness(out, gen, self.brightness)
-        out = random_affine(out, gen, self.degrees, self.translate, (self.scale[0], self.scale[1]))
-        if self.p >= 1:
+        p = self.params
+        out = random_flip(x, gen) if p.flip else x
+        if p.brightness:
+            out = random_brightness(out, gen, p.brightness)
+        out = random_affine(out, gen, p.degrees, p.translate, p.scale)
+        if p.p >= 1:
             return out
-        keep = torch.rand(x.shape[0], generator=gen, device=x.device) >= self.p
+        keep = torch.rand(x.shape[0], generator=gen, device=x.device) >= p.p
         return torch.where(keep[:, None, None, None], x, out)

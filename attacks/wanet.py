@@ -11,17 +11,19 @@ warp" (the WaNet paper uses cross_ratio 2; 0 switches the mode off).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from attacks.base import Attack, FitContext, PoisonedSet
 from bench.core.data import ImageSet
 from bench.core.device import to_float, to_uint8
 from bench.core.errors import BenchError
-from bench.core.params import require_between
+from bench.core.params import PluginParams
 from bench.core.registry import ATTACKS
 
 
@@ -29,25 +31,22 @@ from bench.core.registry import ATTACKS
 class WaNet(Attack):
     """Smooth warping trigger: k x k noise grid (k=4), bicubic upsampling, strength s=0.5; optional noise mode."""
 
-    def __init__(self, k: int = 4, s: float = 0.5, cross_ratio: float = 0.0, grid_rescale: float = 1.0,
-                 **params: Any) -> None:  # fmt: skip
-        super().__init__(**params)
-        if k < 2:
-            raise BenchError(f"wanet: k (control grid size) must be >= 2, got {k}")
-        if s < 0:
-            raise BenchError(f"wanet: s (warping strength) must be >= 0, got {s}")
-        if cross_ratio < 0:
-            raise BenchError(f"wanet: cross_ratio must be >= 0, got {cross_ratio}")
-        require_between(self.name, "grid_rescale", grid_rescale, 0, 1, "(]")
-        self.k = k
-        self.s = s
-        self.cross_ratio = cross_ratio
-        self.grid_rescale = grid_rescale
+    class Params(PluginParams):
+        k: int = Field(4, ge=2, description="side of the control grid of random offsets (WaNet paper: 4)")
+        s: float = Field(0.5, ge=0, description="warping strength")
+        cross_ratio: float = Field(0.0, ge=0, description="noise-mode samples per poisoned sample (paper: 2; 0: off)")
+        grid_rescale: float = Field(1.0, gt=0, le=1, description="scale of the warped grid, keeping it inside the image")
+
+    params: Params
+
+    def __init__(self, params: PluginParams | Mapping[str, Any] | None = None, **raw: Any) -> None:
+        super().__init__(params, **raw)
         self._control: Tensor | None = None  # (1, 2, k, k), drawn in fit()
 
     def fit(self, train: ImageSet, gen: torch.Generator, ctx: FitContext | None = None) -> None:
         """Draw the control grid from the cell's generator (cheap: k x k numbers)."""
-        control = torch.rand(1, 2, self.k, self.k, generator=gen) * 2 - 1
+        k = self.params.k
+        control = torch.rand(1, 2, k, k, generator=gen) * 2 - 1
         self._control = control / control.abs().mean()
 
     def warp_grid(self, height: int, width: int, device: torch.device) -> Tensor:
@@ -59,8 +58,8 @@ class WaNet(Attack):
         rows = torch.linspace(-1, 1, height)
         cols = torch.linspace(-1, 1, width)
         identity = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)[None]
-        offset = self.s * field / torch.tensor([width, height], dtype=field.dtype)
-        grid = ((identity + offset) * self.grid_rescale).clamp(-1, 1)
+        offset = self.params.s * field / torch.tensor([width, height], dtype=field.dtype)
+        grid = ((identity + offset) * self.params.grid_rescale).clamp(-1, 1)
         return grid.to(device)
 
     @staticmethod
@@ -82,7 +81,7 @@ class WaNet(Attack):
     def poison_train(self, train: ImageSet, rate: float, target: int, gen: torch.Generator) -> PoisonedSet:
         """All-to-one poisoning, plus ``cross_ratio`` x as many noise-warped samples with true labels."""
         poisoned = super().poison_train(train, rate, target, gen)
-        count = round(self.cross_ratio * poisoned.poisoned_index.numel())
+        count = round(self.params.cross_ratio * poisoned.poisoned_index.numel())
         if count == 0:
             return poisoned
         cover = self.select_cover_index(train, count, poisoned.poisoned_index, gen)

@@ -1,4 +1,4 @@
-"""The command line: ``run_bench.py run|table|status|plot|report|list``.
+"""The command line: ``run_bench.py run|table|status|plot|report|list|describe|show-triggers``.
 
 User errors (:class:`bench.core.errors.BenchError`) print one line ``error: ...`` on stderr and exit
 with status 2, like argparse's own usage errors; nothing is left half-written because every
@@ -8,6 +8,7 @@ file is written atomically.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ def configs_dir() -> Path:
 
 
 DEFAULT_CONFIG = configs_dir() / "quick.yaml"
+DEFAULT_CACHE_DIR = Path("results") / "cache"
 
 
 def config_path(arg: str) -> Path:
@@ -37,7 +39,8 @@ def config_path(arg: str) -> Path:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="where datasets are looked for (default: $BENCH_DATA_ROOT, else ./data)")
     parser.add_argument("--cache-dir", default=None,
-                        help="artifact cache: decoded datasets, trained models, fitted defenses (default: results/cache)")
+                        help=f"artifact cache: decoded datasets, trained models, fitted defenses "
+                             f"(default: {DEFAULT_CACHE_DIR})")
     parser.add_argument("--device", default=None, help="auto (default: CUDA when available), cpu, cuda, cuda:N")
 
 
@@ -105,8 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a run directory written by 'run'")
     report.add_argument("--tsne", action="store_true", help="also (re)draw the t-SNE figures")
 
-    sub.add_parser("list", help="list registered datasets, models, attacks and defenses",
-                   description="List every registered plugin with a one-line description.")
+    listing = sub.add_parser("list", help="list registered datasets, models, attacks and defenses",
+                             description="List every registered plugin with a one-line description.")
+    listing.add_argument("--verbose", "-v", action="store_true",
+                         help="also each plugin's parameters: name, type, default, constraint, description")
+
+    describe = sub.add_parser("describe", help="show one plugin's parameters",
+                              description="A plugin's description, version and parameter table (name, type, "
+                                          "default, constraint, description).")
+    describe.add_argument("name", help="a registered dataset, model, attack or defense name")
 
     triggers = sub.add_parser("show-triggers", help="draw one PNG: a clean image and its poisoned version per attack",
                               description="Write a PNG grid with a clean test image, its poisoned version and "
@@ -121,20 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.core.data import DataPaths
     from bench.orchestration.config import load_config
     from bench.orchestration.execute import run_grid
     from bench.orchestration.status import cell_statuses
 
     config = load_config(config_path(args.config), args.overrides)
     run_dir = Path(args.out) if args.out else Path("results") / str(config.name)  # a validated plain name
-    cache_dir = Path(args.cache_dir) if args.cache_dir else Path("results") / "cache"
+    paths = _data_paths(args)
     if args.dry_run:
         from bench.orchestration.dryrun import describe_plan
 
-        print(describe_plan(config, run_dir, cache_dir))
+        print(describe_plan(config, run_dir, paths.cache_dir, paths.data_root))
         return 0
-    paths = DataPaths.resolve(args.data_root, cache_dir)
     start = time.perf_counter()
     cells, computed, markdown = run_grid(config, run_dir, paths, args.device, tsne=not args.no_tsne,
                                          workers=args.workers, jobs_per_gpu=args.jobs_per_gpu, backend=args.backend,
@@ -176,6 +184,16 @@ def _run_dir(path: str) -> Path:
     return run_dir
 
 
+def _data_paths(args: argparse.Namespace):
+    """``--data-root`` and ``--cache-dir`` (checked: an existing file is no cache directory)."""
+    from bench.core.data import DataPaths
+    from bench.orchestration.store import check_cache_dir
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR
+    check_cache_dir(cache_dir)
+    return DataPaths.resolve(args.data_root, cache_dir)
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from bench.report.page import write_report
 
@@ -212,32 +230,66 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_show_triggers(args: argparse.Namespace) -> int:
-    from bench.core.data import DataPaths, load_dataset
+    from bench.core.data import load_dataset
+    from bench.core.registry import ATTACKS
     from bench.orchestration.config import PluginSpec, load_config
-    from bench.report.triggers import default_specs, trigger_examples, write_trigger_grid
+    from bench.report.triggers import default_attacks, trigger_examples, write_trigger_grid
 
     if Path(args.out).is_dir():
         raise BenchError(f"--out {args.out} is a directory; give the path of the PNG file to write")
     if args.config:
         config = load_config(config_path(args.config))
-        dataset, specs, target = config.datasets[0], config.attacks, config.poison.target
+        dataset, target = config.datasets[0], config.poison.target
+        attacks = [(spec.display(), ATTACKS.create(spec.name, spec.params)) for spec in config.attacks]
     else:
-        dataset, specs, target = PluginSpec(name=args.dataset), default_specs(), 0
-    cache_dir = Path(args.cache_dir) if args.cache_dir else Path("results") / "cache"
-    data = load_dataset(dataset.name, DataPaths.resolve(args.data_root, cache_dir), **dataset.params)
-    examples = trigger_examples(specs, data, seed=args.seed, index=args.index, target=target)
+        dataset, attacks, target = PluginSpec(name=args.dataset), default_attacks(), 0
+    data = load_dataset(dataset.name, _data_paths(args), **dataset.params)
+    examples = trigger_examples(attacks, data, seed=args.seed, index=args.index, target=target)
     path = write_trigger_grid(examples, Path(args.out), title=f"{data.name}: test image {args.index}, seed {args.seed}")
     print(f"{len(examples)} attacks -> {path}")
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, describe
+def _registries():
+    from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 
-    for title, registry in (("datasets", DATASETS), ("models", MODELS), ("attacks", ATTACKS), ("defenses", DEFENSES)):
+    return (("datasets", DATASETS), ("models", MODELS), ("attacks", ATTACKS), ("defenses", DEFENSES))
+
+
+def _parameter_table(cls, indent: str) -> str:
+    from bench.core.params import format_table, param_docs
+
+    table = format_table(param_docs(cls.Params), indent)
+    knob = getattr(cls, "intensity_param", None)
+    lines = [f"{indent}version {cls.version}" + (f"; intensity knob: {knob}" if knob else "")]
+    return "\n".join([*lines, table or f"{indent}(no parameters)"])
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from bench.core.registry import summary
+
+    for title, registry in _registries():
         print(f"{title}:")
-        for name, obj in registry.items():
-            print(f"  {name:<18} {describe(obj)}")
+        for name, cls in registry.items():
+            print(f"  {name:<18} {summary(cls)}")
+            if args.verbose:
+                print(_parameter_table(cls, "      "))
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from bench.core.errors import UnknownNameError
+    from bench.core.registry import summary
+
+    found = [(title[:-1], registry.get(args.name)) for title, registry in _registries() if args.name in registry]
+    if not found:
+        names = sorted({n for _, registry in _registries() for n in registry.names()})
+        close = difflib.get_close_matches(args.name, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownNameError(f"no plugin is called {args.name!r}.{hint} Registered: {', '.join(names)}")
+    for kind, cls in found:
+        print(f"{args.name} ({kind}): {summary(cls)}")
+        print(_parameter_table(cls, "  "))
     return 0
 
 
@@ -247,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]  # `run_bench.py` alone runs the default grid
     args = parser.parse_args(argv)
-    handlers = {"run": cmd_run, "table": cmd_table, "list": cmd_list, "plot": cmd_plot, "report": cmd_report,
-                "status": cmd_status, "show-triggers": cmd_show_triggers}
+    handlers = {"run": cmd_run, "table": cmd_table, "list": cmd_list, "describe": cmd_describe, "plot": cmd_plot,
+                "report": cmd_report, "status": cmd_status, "show-triggers": cmd_show_triggers}
     try:
         return handlers[args.command](args)
     except BenchError as err:

@@ -92,15 +92,15 @@ def refine_fit_runner(width: int | None, batch: int, model: nn.Module, train: Im
 
 def precision_label(device: torch.device, cpu_bf16: bool) -> str:
     if device.type == "cuda":
-        return "bf16 autocast" if DEFENSES.get("refine")().amp else "fp32"
+        return "bf16 autocast" if DEFENSES.get("refine")().params.amp else "fp32"
     return CPU_BF16 if cpu_bf16 else "fp32"
 
 
 def measure(width: int, cpu_bf16: bool, args: argparse.Namespace, train: ImageSet, device: torch.device) -> dict:
     model = seeded_model(args.model, train).to(device).eval()
     reference = DEFENSES.get("refine")(width=width)  # the paper's settings for everything else
-    batch = args.batch_size or reference.batch_size
-    n_benign = round(reference.benign_fraction * len(train))
+    batch = args.batch_size or reference.params.batch_size
+    n_benign = round(reference.params.benign_fraction * len(train))
     run = refine_fit_runner(width, batch, model, train, device, cpu_bf16)
     rate = measure_steps(run, args.steps, device, args.repeats)
     img_per_s = batch / rate.seconds_per_step
@@ -110,7 +110,8 @@ def measure(width: int, cpu_bf16: bool, args: argparse.Namespace, train: ImageSe
         "fit_img_per_s": round(img_per_s, 1),
         **compute_figures(rate.flops_per_step, rate.seconds_per_step, batch, device_peak(device)),
         "loss": round(float(getattr(rate.result, "_fit_loss", float("nan"))), 5),
-        "epoch_est_s": round(epoch_s, 2), "epochs": reference.epochs, "fit_est_s": round(epoch_s * reference.epochs, 1),
+        "epoch_est_s": round(epoch_s, 2), "epochs": reference.params.epochs,
+        "fit_est_s": round(epoch_s * reference.params.epochs, 1),
         "device": describe_device(device),
     }  # fmt: skip
 

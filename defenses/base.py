@@ -2,8 +2,12 @@
 
 Lifecycle, driven by the grid runner:
 
-1. ``defense = cls(**params)`` -- parameters from the config, validated in ``__init__``.
-2. ``defense.bind(model, device, seed)`` -- attach the frozen model.
+1. ``defense = DEFENSES.create(name, params)`` -- parameters validated by the defense's
+   ``Params`` model (see :mod:`bench.core.plugin`); :meth:`check` runs against each dataset's
+   metadata when the grid is compiled.
+2. ``defense.bind(model, device, seed, ctx)`` -- attach the frozen model, (re)start the
+   defense's random streams from ``seed`` (fitted state survives a re-bind), and receive the
+   :class:`DefenseContext` through which the defense asks for shared, cached sub-results.
 3. Trainable defenses (``trainable = True``) then either ``load_state(cached)`` or
    ``fit(benign, gen)`` followed by ``state()`` for the cache.
 4. ``defense.predict(x)`` -- logits of the defended classifier for float images in [0, 1].
@@ -11,9 +15,11 @@ Lifecycle, driven by the grid runner:
 Input-transformation defenses override :meth:`transform` only: ``predict`` and ``features``
 (penultimate features for t-SNE) both see the transformed images. Evaluation calls
 :meth:`predict_with_features`, which runs ``predict`` and keeps the penultimate features of the
-final forward pass, so the t-SNE sample costs nothing extra and no random draw changes. ``benign_fraction`` is the
-share of the *whole* training set the defense trains on; the runner draws it from the held-out
-clean split (``holdout`` in the grid config), so it cannot exceed the holdout.
+final forward pass, so the t-SNE sample costs nothing extra and no random draw changes. A defense
+that replaces the classifier (BTI-DBF's unlearning) overrides :attr:`classifier`; the frozen
+model it was bound to is never modified. ``benign_fraction`` (a parameter of the defenses that
+train) is the share of the *whole* training set the defense trains on; the runner draws it from
+the held-out clean split (``holdout`` in the grid config), so it cannot exceed the holdout.
 
 ``intensity_param`` names the parameter that trade-off curves sweep (ShrinkPad's ``pad``). When
 ``intensity_affects_fit`` is False the fitted state is shared across intensities, so sweeping
@@ -22,43 +28,139 @@ the knob never retrains anything.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from bench.core.data import ImageSet
 from bench.core.errors import BenchError
+from bench.core.files import stable_hash
+from bench.core.params import PluginParams
+from bench.core.plugin import Plugin
+
+Scope = Literal["global", "data", "model"]
+SCOPES: tuple[Scope, ...] = ("global", "data", "model")
+_RESERVED_KINDS = {"models", "defenses", "data", "locks"}
 
 
-class Defense:
+class MissingArtifactError(LookupError):
+    """A defense state refers to a shared artifact that is no longer available (the caller refits)."""
+
+
+@dataclass(frozen=True)
+class SharedArtifact:
+    """A shared sub-result: its kind, its content key (what a defense state refers to) and value."""
+
+    kind: str
+    key: str
+    value: Any
+
+
+class DefenseContext:
+    """How a defense asks for shared sub-results: :meth:`cached` and :meth:`load`.
+
+    Some parts of a fit do not depend on everything the fit depends on: BDMAE's autoencoder
+    depends on the benign images but not on the backdoored model, BTI-DBF's pre-trained
+    generator on both but not on the defense mode. Asking for them through the context lets the
+    grid runner build each once and share it between defenses, workers and reruns (its
+    implementation keeps them in the artifact cache, keyed by ``kind``, ``key_parts`` and the
+    ``scope``: ``global`` -- the key parts alone; ``data`` -- also the benign data and the seed
+    of the cell; ``model`` -- also the backdoored model).
+
+    This base implementation, used outside a grid (tests, notebooks), builds on every call and
+    remembers what it built, so :meth:`load` finds it again within the same context.
+    """
+
+    def __init__(self) -> None:
+        self._memory: dict[tuple[str, str], Any] = {}
+
+    @staticmethod
+    def check_kind(kind: str) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", kind) or kind in _RESERVED_KINDS:
+            raise ValueError(f"artifact kind {kind!r} must be lower-case letters, digits, '-' or '_', "
+                             f"and not one of {sorted(_RESERVED_KINDS)}")  # fmt: skip
+
+    def key(self, kind: str, key_parts: Mapping[str, Any], scope: Scope = "data") -> str:
+        """The content key of a shared artifact (plain-JSON ``key_parts`` only)."""
+        self.check_kind(kind)
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        return stable_hash({"kind": kind, "scope": scope, "parts": dict(key_parts)})
+
+    def cached(
+        self, kind: str, key_parts: Mapping[str, Any], build: Callable[[], Any], *, scope: Scope = "data"
+    ) -> SharedArtifact:
+        """The artifact for these key parts: loaded when it exists, else ``build()`` (whose value
+        must be torch-serialisable: tensors, state dicts, plain values) and saved."""
+        key = self.key(kind, key_parts, scope)
+        value = build()
+        self._memory[(kind, key)] = value
+        return SharedArtifact(kind, key, value)
+
+    def load(self, kind: str, key: str) -> Any:
+        """The value of an artifact :meth:`cached` produced; :class:`MissingArtifactError` if gone."""
+        try:
+            return self._memory[(kind, key)]
+        except KeyError:
+            raise MissingArtifactError(f"no {kind} artifact {key}") from None
+
+
+class Defense(Plugin):
     """Base class of all defenses; the default ``predict`` is the undefended model."""
 
-    name: ClassVar[str] = ""
     intensity_param: ClassVar[str | None] = None
     trainable: ClassVar[bool] = False
     intensity_affects_fit: ClassVar[bool] = True
 
-    def __init__(self, **params: Any) -> None:
-        if params:
-            raise BenchError(f"defense {self.name!r}: unknown parameters {sorted(params)}")
+    def __init__(self, params: PluginParams | Mapping[str, Any] | None = None, **raw: Any) -> None:
+        super().__init__(params, **raw)
         self.model: nn.Module | None = None
         self.device = torch.device("cpu")
         self.seed = 0
-        # Share of the whole training set used as the defender's clean data; None = all held out.
-        self.benign_fraction: float | None = None
+        self.ctx = DefenseContext()
 
-    def bind(self, model: nn.Module, device: torch.device, seed: int = 0) -> None:
-        """Attach the frozen model; its parameters are never updated by a test-time defense."""
+    def bind(self, model: nn.Module, device: torch.device, seed: int = 0, ctx: DefenseContext | None = None) -> None:
+        """Attach the frozen model (its parameters are never updated by a defense) and restart
+        the defense's random streams from ``seed``; a fitted state survives a re-bind."""
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.device = device
         self.seed = seed
+        if ctx is not None:
+            self.ctx = ctx
+
+    @property
+    def benign_fraction(self) -> float | None:
+        """Share of the whole training set used as the defender's clean data; None = all held out."""
+        return getattr(self.params, "benign_fraction", None)
+
+    def benign_count(self, total: int, available: int) -> int | None:
+        """How many clean images the defense trains on, out of ``total`` training images of which
+        ``available`` are held out; None = all of them. Impossible fractions are a user error."""
+        fraction = self.benign_fraction
+        if fraction is None:
+            return None
+        count = round(fraction * total)
+        if not 0 < count <= available:
+            self.fail(f"benign_fraction {fraction} needs {count} clean samples but the holdout has {available}; "
+                      "raise 'holdout' in the config")  # fmt: skip
+        return count
 
     @property
     def intensity(self) -> Any:
-        return getattr(self, self.intensity_param) if self.intensity_param else None
+        return getattr(self.params, self.intensity_param) if self.intensity_param else None
+
+    @property
+    def classifier(self) -> nn.Module:
+        """The classifier behind the input transformation: the frozen model unless the defense
+        replaced it with a fitted copy."""
+        assert self.model is not None, "bind() the defense to a model first"
+        return self.model
 
     def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
         """Train the defense on the defender's clean data (trainable defenses only)."""
@@ -83,13 +185,11 @@ class Defense:
 
     def predict(self, x: Tensor) -> Tensor:
         """Logits of the defended classifier on float images in [0, 1]."""
-        assert self.model is not None, "bind() the defense to a model first"
-        return self.model(self.transform(x))
+        return self.classifier(self.transform(x))
 
     def features(self, x: Tensor) -> Tensor:
-        """Penultimate-layer features the frozen model computes on the transformed input."""
-        assert self.model is not None, "bind() the defense to a model first"
-        return self.model.features(self.transform(x))
+        """Penultimate-layer features the classifier computes on the transformed input."""
+        return self.classifier.features(self.transform(x))
 
     def predict_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``predict(x)`` and the penultimate features its logits came from, from one pass.
@@ -100,8 +200,7 @@ class Defense:
         keeps whatever a subclass does there (REFINE's output mapping) and draws exactly the
         random numbers ``predict`` draws, so BA and ASR are the same with or without the capture.
         """
-        assert self.model is not None, "bind() the defense to a model first"
-        head = getattr(self.model, "head", None)
+        head = getattr(self.classifier, "head", None)
         if not isinstance(head, nn.Module):
             raise BenchError(f"defense {self.name!r}: the model has no 'head' layer to take penultimate features from")
         last: list[Tensor] = []
@@ -117,7 +216,3 @@ class Defense:
         if not last or last[0].shape[0] != logits.shape[0]:
             raise BenchError(f"defense {self.name!r}: predict() did not end with one model call on the batch")
         return logits, last[0]
-
-    def describe(self) -> dict[str, Any]:
-        """Parameters that determine the defense's effect (part of cache keys and records)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("model", "device", "seed")}

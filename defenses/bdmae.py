@@ -35,27 +35,34 @@ than resizing to 224 -- which is the offline deviation from the paper. Everythin
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, field_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from bench.core.data import ImageSet
-from bench.core.errors import BenchError
-from bench.core.params import require_between, require_count
+from bench.core.params import PluginParams
+from bench.core.plugin import DatasetMeta
 from bench.core.registry import DEFENSES
-from bench.core.seeding import generator
+from bench.core.seeding import derive_seed, generator
 from bench.nn.mae import MAEConfig, MAERecipe, MaskedAutoencoder, load_mae_weights, random_token_masks, train_mae
 from bench.nn.ssim import ssim_map
-from defenses.base import Defense
+from defenses.base import Defense, DefenseContext
 
-# The autoencoder depends only on the benign images, the recipe and the seed -- not on the
-# backdoored model -- so cells that share them (several attacks) train it once per process.
-_MAE_MEMO: dict[str, dict[str, Tensor]] = {}
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (pretrained MAE weights are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- token-grid helpers
@@ -165,99 +172,117 @@ class BDMAE(Defense):
     trainable = True
     intensity_affects_fit = False
 
-    def __init__(
-        self,
-        max_restore: float = 0.25,
-        mask_ratio: float = 0.75,
-        init_rounds: int = 5,
-        init_masks: int = 5,
-        refine_rounds: int = 10,
-        refine_step: float = 0.05,
-        topo_bonus: float = 0.5,
-        struct_threshold: float = 0.2,
-        alpha: float = 0.5,
-        threshold_start: float = 0.6,
-        threshold_step: float = 0.05,
-        num_thresholds: int = 5,
-        mae_weights: str | None = None,
-        mae: dict[str, Any] | None = None,
-        mae_train: dict[str, Any] | None = None,
-        benign_fraction: float | None = None,
-        **params: Any,
-    ) -> None:
-        super().__init__(**params)
-        require_between(self.name, "max_restore", max_restore, 0, 1)
-        require_between(self.name, "mask_ratio", mask_ratio, 0, 1, "()")
-        for name, value in (("init_rounds", init_rounds), ("init_masks", init_masks), ("num_thresholds", num_thresholds)):
-            require_count(self.name, name, value)
-        require_count(self.name, "refine_rounds", refine_rounds, minimum=0)
-        require_between(self.name, "alpha", alpha, 0, 1)
-        require_between(self.name, "benign_fraction", benign_fraction, 0, 1, "()", or_null="the whole holdout")
-        self.max_restore = max_restore
-        self.mask_ratio = mask_ratio
-        self.init_rounds = init_rounds
-        self.init_masks = init_masks
-        self.refine_rounds = refine_rounds
-        self.refine_step = refine_step
-        self.topo_bonus = topo_bonus
-        self.struct_threshold = struct_threshold
-        self.alpha = alpha
-        self.threshold_start = threshold_start
-        self.threshold_step = threshold_step
-        self.num_thresholds = num_thresholds
-        self.mae_weights = mae_weights
-        self.mae = dict(mae or {})
-        self.mae_train = dict(mae_train or {})
-        self.benign_fraction = benign_fraction
-        try:
-            self._recipe = MAERecipe(**self.mae_train)
-        except (TypeError, ValidationError, ValueError) as err:
-            raise BenchError(f"bdmae: bad mae_train {self.mae_train}: {err}") from None
+    class Params(PluginParams):
+        max_restore: float = Field(0.25, ge=0, le=1, description="largest share of tokens restored per image (intensity)")
+        mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of tokens hidden by each random mask of the initial scores")
+        init_rounds: int = Field(5, ge=1, description="rounds of random masks for the initial scores")
+        init_masks: int = Field(5, ge=1, description="random masks per round")
+        refine_rounds: int = Field(10, ge=0, description="rounds of topology-aware refinement (each score)")
+        refine_step: float = Field(0.05, ge=0, description="score change per refinement round")
+        topo_bonus: float = Field(0.5, ge=0, description="priority bonus of tokens next to the growing region")
+        struct_threshold: float = Field(0.2, description="structural score from which a token counts as suspicious")
+        alpha: float = Field(0.5, ge=0, le=1, description="weight of the structural score in the fused score")
+        threshold_start: float = Field(0.6, description="highest purification threshold")
+        threshold_step: float = Field(0.05, gt=0, description="distance between purification thresholds")
+        num_thresholds: int = Field(5, ge=1, description="purification thresholds (restorations averaged)")
+        mae_weights: str | None = Field(None, description="a pretrained MAE state-dict file; null: train a small MAE on the benign data")
+        mae: dict[str, Any] = Field({}, description="MAE architecture settings overriding the data's defaults (see bench.nn.mae.MAEConfig)")
+        mae_train: MAERecipe = Field(default_factory=MAERecipe, description="MAE training recipe (see bench.nn.mae.MAERecipe)")
+        benign_fraction: float | None = Field(
+            None, gt=0, lt=1, description="share of the training set used as benign data; null: the whole holdout")
+
+        @field_validator("mae_weights")
+        @classmethod
+        def _weights_exist(cls, value: str | None) -> str | None:
+            if value is not None and not Path(value).expanduser().is_file():
+                raise ValueError("must be an existing MAE weights file or null")
+            return value
+
+        @field_validator("mae")
+        @classmethod
+        def _known_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
+            unknown = sorted(set(value) - {f.name for f in fields(MAEConfig)})
+            if unknown:
+                raise ValueError(f"must only hold MAEConfig settings ({', '.join(f.name for f in fields(MAEConfig))}); "
+                                 f"unknown: {', '.join(unknown)}")  # fmt: skip
+            return value
+
+    params: Params
+
+    def __init__(self, params: PluginParams | Mapping[str, Any] | None = None, **raw: Any) -> None:
+        super().__init__(params, **raw)
         self._mae: MaskedAutoencoder | None = None
+        self._mae_ref: dict[str, str] | None = None
         self._gen: torch.Generator | None = None
 
     # ------------------------------------------------------------------ fitting
-    def bind(self, model: torch.nn.Module, device: torch.device, seed: int = 0) -> None:
-        super().bind(model, device, seed)
+    def bind(self, model: torch.nn.Module, device: torch.device, seed: int = 0, ctx: DefenseContext | None = None) -> None:
+        super().bind(model, device, seed, ctx)
         self._gen = generator(seed, "bdmae", device=device)
 
     def mae_config(self, channels: int, size: int) -> MAEConfig:
         """The autoencoder's architecture: the data's size and channels unless ``mae`` says otherwise."""
-        params = {"img_size": size, "in_chans": channels, "patch_size": 4 if size < 100 else 16, **self.mae}
+        params = {"img_size": size, "in_chans": channels, "patch_size": 4 if size < 100 else 16, **self.params.mae}
         try:
             return MAEConfig(**params)
         except (TypeError, ValidationError, ValueError) as err:
-            raise BenchError(f"bdmae: bad MAE architecture {params}: {err}") from None
+            first = err.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(err, ValidationError) else err
+            self.fail(f"bad MAE architecture {params}: {first}")
+
+    def check(self, meta: DatasetMeta) -> None:
+        if meta.height != meta.width:
+            self.fail(f"square images are needed for the token grid, got {meta.height}x{meta.width}")
+        self.mae_config(meta.channels, meta.height)
 
     def fit_epochs(self) -> int:
         """MAE training epochs; 0 with given weights (BDMAE's real cost is at test time)."""
-        return 0 if self.mae_weights else self._recipe.epochs
+        return 0 if self.params.mae_weights else self.params.mae_train.epochs
 
     def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
+        """Get the autoencoder: the given weights, or one trained on the benign images.
+
+        It does not depend on the backdoored model, so it is a shared artifact
+        (:meth:`DefenseContext.cached`): the grid trains it once per (benign data, seed, settings)
+        and every model's defense state refers to it instead of carrying a copy.
+        """
         _, c, h, w = benign.x.shape
         if h != w:
-            raise BenchError(f"bdmae: square images are needed for the token grid, got {h}x{w}")
+            self.fail(f"square images are needed for the token grid, got {h}x{w}")
         config = self.mae_config(c, h)
-        mae = MaskedAutoencoder(config)
-        if self.mae_weights:
-            load_mae_weights(mae, self.mae_weights)
+        weights = self.params.mae_weights
+
+        def build() -> dict[str, Tensor]:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.seed, "bdmae-mae"))
+                mae = MaskedAutoencoder(config)
+            if weights:
+                load_mae_weights(mae, weights)
+            else:
+                train_mae(mae, benign.x, self.params.mae_train, self.device, gen)
+            return {k: v.detach().cpu() for k, v in mae.state_dict().items()}
+
+        if weights:
+            parts = {"config": asdict(config), "weights": file_digest(weights)}
+            artifact = self.ctx.cached("bdmae-mae", parts, build, scope="global")
         else:
-            key = hashlib.sha256(benign.x.numpy().tobytes()).hexdigest() + repr((asdict(config), asdict(self._recipe)))
-            key += str(gen.initial_seed())
-            if key not in _MAE_MEMO:
-                train_mae(mae, benign.x, self._recipe, self.device, gen)
-                _MAE_MEMO[key] = {k: v.detach().cpu().clone() for k, v in mae.state_dict().items()}
-            mae.load_state_dict(_MAE_MEMO[key])
+            parts = {"config": asdict(config), "recipe": asdict(self.params.mae_train)}
+            artifact = self.ctx.cached("bdmae-mae", parts, build, scope="data")
+        self._install(config, artifact.value, {"kind": artifact.kind, "key": artifact.key})
+
+    def _install(self, config: MAEConfig, weights: dict[str, Tensor], ref: dict[str, str]) -> None:
+        mae = MaskedAutoencoder(config)
+        mae.load_state_dict(weights)
         self._mae = mae.to(self.device).eval()
+        self._mae_ref = ref
 
     def state(self) -> dict[str, Any]:
-        assert self._mae is not None, "fit() first"
-        return {"config": asdict(self._mae.config), "mae": {k: v.cpu() for k, v in self._mae.state_dict().items()}}
+        """The architecture and a reference to the shared autoencoder artifact (not its weights)."""
+        assert self._mae is not None and self._mae_ref is not None, "fit() first"
+        return {"config": asdict(self._mae.config), "mae": dict(self._mae_ref)}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        mae = MaskedAutoencoder(MAEConfig(**state["config"]))
-        mae.load_state_dict(state["mae"])
-        self._mae = mae.to(self.device).eval()
+        ref = state["mae"]
+        self._install(MAEConfig(**state["config"]), self.ctx.load(ref["kind"], ref["key"]), ref)
 
     # ------------------------------------------------------------------ restoration
     def restore(self, x: Tensor, mask: Tensor) -> Tensor:
@@ -290,7 +315,7 @@ class BDMAE(Defense):
     def token_scores(self, x: Tensor, bar: Any = None) -> tuple[Tensor, Tensor, Tensor]:
         """Refined (structural, label) scores (N, L) and the original predictions y0."""
         assert self._mae is not None and self._gen is not None, "bind() and fit() first"
-        mae, gen = self._mae, self._gen
+        mae, gen, p = self._mae, self._gen, self.params
         n, length, grid = x.shape[0], mae.num_tokens, mae.grid
         tick = bar.update if bar is not None else (lambda *a: None)
         y0 = self._labels(x)
@@ -298,9 +323,9 @@ class BDMAE(Defense):
         restored_sum = torch.zeros_like(x)
         restored_count = torch.zeros(n, 1, *x.shape[-2:], device=x.device)
         structural = torch.zeros(n, length, device=x.device)
-        for _ in range(self.init_rounds):
-            for _ in range(self.init_masks):
-                mask = random_token_masks(n, length, self.mask_ratio, gen, x.device)
+        for _ in range(p.init_rounds):
+            for _ in range(p.init_masks):
+                mask = random_token_masks(n, length, p.mask_ratio, gen, x.device)
                 restored = self.restore(x, mask)
                 flipped = (self._labels(restored) != y0).float()
                 changed += mask.float() * flipped[:, None]
@@ -311,17 +336,17 @@ class BDMAE(Defense):
             mean_restoration = torch.where(restored_count > 0, restored_sum / restored_count.clamp(min=1), x)
             dissimilarity = 1 - ssim_map(x, mean_restoration)
             structural += F.adaptive_avg_pool2d(dissimilarity[:, None], grid).flatten(1)
-        structural /= self.init_rounds
-        label = changed / (self.init_rounds * self.init_masks)
+        structural /= p.init_rounds
+        label = changed / (p.init_rounds * p.init_masks)
 
         adjacency = grid_adjacency(grid, x.device)
 
         def restore_and_predict(mask: Tensor, rows: Tensor) -> Tensor:
             return self._labels(self.restore(x[rows], mask))
 
-        refine = dict(restore_and_predict=restore_and_predict, y0=y0, adjacency=adjacency, rounds=self.refine_rounds,
-                      step=self.refine_step, bonus=self.topo_bonus, gen=gen, on_round=tick)  # fmt: skip
-        k_struct = (structural >= self.struct_threshold).sum(1)
+        refine = dict(restore_and_predict=restore_and_predict, y0=y0, adjacency=adjacency, rounds=p.refine_rounds,
+                      step=p.refine_step, bonus=p.topo_bonus, gen=gen, on_round=tick)  # fmt: skip
+        k_struct = (structural >= p.struct_threshold).sum(1)
         structural = refine_scores(structural, k_struct, **refine)
         k_label = (label.mean(1) * length).long()
         label = refine_scores(label, k_label, **refine)
@@ -330,12 +355,13 @@ class BDMAE(Defense):
     @torch.no_grad()
     def transform(self, x: Tensor) -> Tensor:
         """The purified images: the averaged restorations of each image's top-scoring tokens."""
-        passes = self.init_rounds * self.init_masks + 2 * self.refine_rounds + self.num_thresholds
+        p = self.params
+        passes = p.init_rounds * p.init_masks + 2 * p.refine_rounds + p.num_thresholds
         with tqdm(total=passes, desc=f"bdmae: purify {x.shape[0]} images", leave=False, disable=None) as bar:
             structural, label, _ = self.token_scores(x, bar)
-            fused = self.alpha * structural + (1 - self.alpha) * label
-            masks = purification_masks(fused, self.threshold_start, self.threshold_step, self.num_thresholds,
-                                       self.max_restore)  # fmt: skip
+            fused = p.alpha * structural + (1 - p.alpha) * label
+            masks = purification_masks(fused, p.threshold_start, p.threshold_step, p.num_thresholds,
+                                       p.max_restore)  # fmt: skip
             total = torch.zeros_like(x)
             count = torch.zeros(x.shape[0], 1, *x.shape[-2:], device=x.device)
             for mask in masks:

@@ -39,31 +39,24 @@ Variants: ``btidbf`` with ``mode: unlearn|purify``, or the names ``btidbf_u`` an
 from __future__ import annotations
 
 import copy
-import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bench.core.data import ImageSet
 from bench.core.device import to_float
-from bench.core.errors import BenchError
-from bench.core.params import require, require_between, require_count
+from bench.core.params import PluginParams
 from bench.core.registry import DEFENSES
-from bench.core.seeding import generator
+from bench.core.seeding import derive_seed, generator
 from bench.nn import augment
 from bench.nn.unet import UNet
-from defenses.base import Defense
-
-MODES = ("unlearn", "purify")
-
-# Pre-training G depends on the model and the benign data only, so the (U) and (P) cells of one
-# backdoored model share it within a process.
-_PRETRAIN_MEMO: dict[str, dict[str, Tensor]] = {}
-
+from defenses.base import Defense, DefenseContext
 
 # --------------------------------------------------------------------------- building blocks
 
@@ -138,112 +131,83 @@ class BTIDBF(Defense):
     """Backdoor trigger inversion by decoupling benign features; unlearning (U) or purification (P)."""
 
     trainable = True
-    fixed_mode: ClassVar[str | None] = None
 
-    def __init__(
-        self,
-        mode: str | None = None,
-        benign_fraction: float = 0.05,
-        use_labels: bool = True,
-        generator_base: int = 32,
-        generator_depth: int = 4,
-        generator_norm: str = "instance",
-        batch_size: int = 128,
-        crop_padding: int = 4,
-        flip: bool = True,
-        pretrain_epochs: int = 50,
-        gen_lr: float = 1e-3,
-        mask_epochs: int = 20,
-        mask_lr: float = 1e-2,
-        mask_l1: float = 0.0,
-        invert_epochs: int = 30,
-        norm_bound: float = 0.3,
-        feat_bound: float = 3.0,
-        noise: float = 0.03,
-        rounds: int = 5,
-        defend_epochs: int = 30,
-        unlearn_lr: float = 1e-4,
-        purify_lr: float = 1e-3,
-        poison_share: float = 0.1,
-        early_stop: bool = False,
-        **params: Any,
-    ) -> None:
-        super().__init__(**params)
-        if self.fixed_mode is not None:
-            if mode not in (None, self.fixed_mode):
-                raise BenchError(f"{self.name}: mode is fixed to {self.fixed_mode!r}, got {mode!r}")
-            mode = self.fixed_mode
-        mode = mode or "unlearn"
-        if mode not in MODES:
-            raise BenchError(f"{self.name}: mode must be one of {MODES}, got {mode!r}")
-        require_between(self.name, "benign_fraction", benign_fraction, 0, 1, "()")
-        for name, value in {"generator_base": generator_base, "generator_depth": generator_depth,
-                            "batch_size": batch_size, "rounds": rounds}.items():  # fmt: skip
-            require_count(self.name, name, value)
-        for name, value in {"pretrain_epochs": pretrain_epochs, "mask_epochs": mask_epochs,
-                            "invert_epochs": invert_epochs, "defend_epochs": defend_epochs}.items():  # fmt: skip
-            require_count(self.name, name, value, minimum=0)
-        require(generator_norm in ("instance", "batch", "none"), self.name,
-                f"generator_norm must be instance, batch or none, got {generator_norm!r}")  # fmt: skip
-        require_between(self.name, "poison_share", poison_share, 0, 1, "(]")
-        self.mode = mode
-        self.benign_fraction = benign_fraction
-        self.use_labels = use_labels
-        self.generator_base = generator_base
-        self.generator_depth = generator_depth
-        self.generator_norm = generator_norm
-        self.batch_size = batch_size
-        self.crop_padding = crop_padding
-        self.flip = flip
-        self.pretrain_epochs = pretrain_epochs
-        self.gen_lr = gen_lr
-        self.mask_epochs = mask_epochs
-        self.mask_lr = mask_lr
-        self.mask_l1 = mask_l1
-        self.invert_epochs = invert_epochs
-        self.norm_bound = norm_bound
-        self.feat_bound = feat_bound
-        self.noise = noise
-        self.rounds = rounds
-        self.defend_epochs = defend_epochs
-        self.unlearn_lr = unlearn_lr
-        self.purify_lr = purify_lr
-        self.poison_share = poison_share
-        self.early_stop = early_stop
+    class Params(PluginParams):
+        mode: Literal["unlearn", "purify"] = Field("unlearn", description="unlearn (U): fine-tune a copy of the model; purify (P): train an input purifier")
+        benign_fraction: float = Field(0.05, gt=0, lt=1, description="share of the training set used as benign data")
+        use_labels: bool = Field(True, description="train with the benign labels (public code); false: the model's predictions")
+        generator_base: int = Field(32, ge=1, description="base width of the generator and purifier U-Nets")
+        generator_depth: int = Field(4, ge=1, description="down/up levels of the U-Nets")
+        generator_norm: Literal["instance", "batch", "none"] = Field("instance", description="normalisation in the U-Nets")
+        batch_size: int = Field(128, ge=1, description="batch size of every phase")
+        crop_padding: int = Field(4, ge=0, description="padding of the random crop augmentation")
+        flip: bool = Field(True, description="random horizontal flip augmentation")
+        pretrain_epochs: int = Field(50, ge=0, description="epochs pre-training the generator towards the identity")
+        gen_lr: float = Field(1e-3, gt=0, description="Adam lr of the generator")
+        mask_epochs: int = Field(20, ge=0, description="epochs learning the benign-feature mask, per round")
+        mask_lr: float = Field(1e-2, gt=0, description="Adam lr of the feature mask")
+        mask_l1: float = Field(0.0, ge=0, description="weight of the mask's mean (sparsity); the public code: 0")
+        invert_epochs: int = Field(30, ge=0, description="epochs inverting the trigger, per round")
+        norm_bound: float = Field(0.3, gt=0, description="largest image MSE (normalised space) of the inversion")
+        feat_bound: float = Field(3.0, gt=0, description="largest benign-feature MSE of the inversion")
+        noise: float = Field(0.03, ge=0, description="Gaussian noise (normalised space) added before G and P")
+        rounds: int = Field(5, ge=1, description="rounds of mask, inversion and defence")
+        defend_epochs: int = Field(30, ge=0, description="epochs of unlearning or purifier training, per round")
+        unlearn_lr: float = Field(1e-4, gt=0, description="Adam lr of the unlearning (U)")
+        purify_lr: float = Field(1e-3, gt=0, description="Adam lr of the purifier (P)")
+        poison_share: float = Field(0.1, gt=0, le=1, description="share of each defence batch replaced by G(x)")
+        early_stop: bool = Field(False, description="stop when the detected target changes between rounds")
+
+    params: Params
+
+    def __init__(self, params: PluginParams | Mapping[str, Any] | None = None, **raw: Any) -> None:
+        super().__init__(params, **raw)
         self._generator: PixelGenerator | None = None  # the inverted backdoor generator G
         self._purifier: PixelGenerator | None = None  # (P) only
-        self._frozen: nn.Module | None = None
+        self._unlearned: nn.Module | None = None  # (U) only
         self._target: int | None = None
         self._mask: Tensor | None = None
         self._gen: torch.Generator | None = None
 
+    @property
+    def mode(self) -> str:
+        return self.params.mode
+
     # ------------------------------------------------------------------ plumbing
-    def bind(self, model: nn.Module, device: torch.device, seed: int = 0) -> None:
+    def bind(self, model: nn.Module, device: torch.device, seed: int = 0, ctx: DefenseContext | None = None) -> None:
         if not (hasattr(model, "feature_map") and hasattr(model, "head_from_map")):
-            raise BenchError(f"{self.name}: the model must expose feature_map() and head_from_map()")
-        super().bind(model, device, seed)
-        self._frozen = self.model
+            self.fail("the model must expose feature_map() and head_from_map()")
+        super().bind(model, device, seed, ctx)
         self._gen = generator(seed, "btidbf", device=device)
+
+    @property
+    def classifier(self) -> nn.Module:
+        """(U): the unlearned copy once fitted; otherwise the frozen model."""
+        return self._unlearned if self._unlearned is not None else super().classifier
+
+    @property
+    def _frozen(self) -> nn.Module:
+        assert self.model is not None, "bind() first"
+        return self.model
 
     def new_generator(self) -> PixelGenerator:
         """G or P: the public code's U-Net (leaky ReLU, raw output; instance norm by default)."""
-        assert self._frozen is not None
+        p = self.params
         channels = self._frozen.normalize.mean.shape[1]
-        unet = UNet(channels, channels, base=self.generator_base, depth=self.generator_depth, norm=self.generator_norm,
-                    activation="leaky_relu", out_activation=None)  # fmt: skip
+        unet = UNet(channels, channels, base=p.generator_base, depth=p.generator_depth, norm=p.generator_norm,
+                    activation="leaky_relu")  # fmt: skip
         return PixelGenerator(unet, self._frozen.normalize.mean, self._frozen.normalize.std).to(self.device)
 
     def _epoch(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        return batches(x, y, self.batch_size, gen, self.crop_padding, self.flip)
+        return batches(x, y, self.params.batch_size, gen, self.params.crop_padding, self.params.flip)
 
     # ------------------------------------------------------------------ phases
     def pretrain_generator(self, g: PixelGenerator, x: Tensor, gen: torch.Generator) -> None:
         """Step 0: G towards the identity (same predictions, same features, close pixels)."""
         model = self._frozen
-        assert model is not None
-        opt = torch.optim.Adam(g.parameters(), lr=self.gen_lr)
+        opt = torch.optim.Adam(g.parameters(), lr=self.params.gen_lr)
         g.train()
-        bar = _epochs(self.pretrain_epochs, "pretrain generator")
+        bar = _epochs(self.params.pretrain_epochs, "pretrain generator")
         for _ in bar:
             total, steps = torch.zeros((), device=self.device), 0
             for images, _ in self._epoch(x, x.new_zeros(x.shape[0], dtype=torch.long), gen):
@@ -267,14 +231,14 @@ class BTIDBF(Defense):
         with torch.no_grad():
             shape = split.f1(to_float(x[:1])).shape[1:]
         theta = torch.randn(shape, generator=gen, device=self.device).requires_grad_(True)
-        opt = torch.optim.Adam([theta], lr=self.mask_lr)
-        bar = _epochs(self.mask_epochs, "decouple benign features")
+        opt = torch.optim.Adam([theta], lr=self.params.mask_lr)
+        bar = _epochs(self.params.mask_epochs, "decouple benign features")
         for _ in bar:
             total, steps = torch.zeros((), device=self.device), 0
             for images, labels in self._epoch(x, y, gen):
                 with torch.no_grad():
                     feats = split.f1(images)
-                loss = decoupling_loss(feature_mask(theta), feats, labels, split.f2, self.mask_l1)
+                loss = decoupling_loss(feature_mask(theta), feats, labels, split.f2, self.params.mask_l1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -288,7 +252,7 @@ class BTIDBF(Defense):
     ) -> None:  # fmt: skip
         """Step 2: G changes the backdoor features (1 - m) and keeps the benign ones (m)."""
         g.train()
-        bar = _epochs(self.invert_epochs, "invert trigger")
+        bar = _epochs(self.params.invert_epochs, "invert trigger")
         for _ in bar:
             total, steps = torch.zeros((), device=self.device), 0
             for images, _ in self._epoch(x, x.new_zeros(x.shape[0], dtype=torch.long), gen):
@@ -299,7 +263,7 @@ class BTIDBF(Defense):
                 benign = F.mse_loss(mask * feats, mask * clean)
                 backdoor = F.mse_loss((1 - mask) * feats, (1 - mask) * clean)
                 pixel = g.normalised_mse(out, images)
-                if pixel.item() > self.norm_bound or benign.item() > self.feat_bound:
+                if pixel.item() > self.params.norm_bound or benign.item() > self.params.feat_bound:
                     loss = pixel
                 else:
                     loss = -backdoor + 0.01 * benign
@@ -318,7 +282,7 @@ class BTIDBF(Defense):
         """The most frequent prediction on generated images G(x + noise)."""
         counts = torch.zeros(num_classes, dtype=torch.long, device=self.device)
         for start in range(0, x.shape[0], 512):
-            out = g(to_float(x[start : start + 512]), self.noise, self._gen)
+            out = g(to_float(x[start : start + 512]), self.params.noise, self._gen)
             counts += torch.bincount(split(out).argmax(1), minlength=num_classes)
         return int(counts.argmax().item())
 
@@ -326,7 +290,7 @@ class BTIDBF(Defense):
         """Step 3's loss: CE on a batch where ``poison_share`` of the images are G(x), plus the
         distance between the features of the mixed and the clean batch."""
         n = images.shape[0]
-        k = min(n, int(self.poison_share * n) + 1)
+        k = min(n, int(self.params.poison_share * n) + 1)
         pick = torch.randperm(n, generator=self._gen, device=images.device)[:k]
         with torch.no_grad():
             mixed = images.clone()
@@ -339,7 +303,7 @@ class BTIDBF(Defense):
                x: Tensor, y: Tensor, gen: torch.Generator) -> None:  # fmt: skip
         """Step 3: train the unlearned model (U) or the purifier (P) on mixed batches."""
         trainable.train()
-        bar = _epochs(self.defend_epochs, "unlearn" if self.mode == "unlearn" else "train purifier")
+        bar = _epochs(self.params.defend_epochs, "unlearn" if self.mode == "unlearn" else "train purifier")
         for _ in bar:
             total, steps = torch.zeros((), device=self.device), 0
             for images, labels in self._epoch(x, y, gen):
@@ -352,58 +316,64 @@ class BTIDBF(Defense):
         trainable.eval()
 
     # ------------------------------------------------------------------ fit
-    def _pretrained_generator(self, x: Tensor, gen: torch.Generator) -> PixelGenerator:
+    def _pretrained_generator(self, x: Tensor) -> PixelGenerator:
+        """Step 0's G, a shared artifact (:meth:`DefenseContext.cached`): it depends on the model,
+        the benign images and the generator settings, not on the mode or the later phases, so the
+        (U) and (P) defenses of one model pre-train it once. It is initialised and trained from its
+        own seeded streams, so a loaded G and a freshly trained one continue identically."""
+        p = self.params
+
+        def build() -> dict[str, Tensor]:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.seed, "btidbf-generator-init"))
+                g = self.new_generator()
+            self.pretrain_generator(g, x, generator(self.seed, "btidbf-pretrain", device=self.device))
+            return {k: v.detach().cpu() for k, v in g.state_dict().items()}
+
+        parts = {name: getattr(p, name) for name in ("generator_base", "generator_depth", "generator_norm",
+                                                     "pretrain_epochs", "gen_lr", "batch_size", "crop_padding", "flip")}  # fmt: skip
+        artifact = self.ctx.cached("btidbf-generator", parts, build, scope="model")
         g = self.new_generator()
-        assert self._frozen is not None
-        digest = hashlib.sha256(x.cpu().numpy().tobytes())
-        for tensor in self._frozen.state_dict().values():
-            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-        key = repr((digest.hexdigest(), self.generator_base, self.generator_depth, self.generator_norm,
-                    self.pretrain_epochs, self.gen_lr, self.batch_size, self.crop_padding, self.flip,
-                    gen.initial_seed()))  # fmt: skip
-        if key not in _PRETRAIN_MEMO:
-            self.pretrain_generator(g, x, gen)
-            _PRETRAIN_MEMO[key] = {k: v.detach().cpu().clone() for k, v in g.state_dict().items()}
-        g.load_state_dict(_PRETRAIN_MEMO[key])
+        g.load_state_dict(artifact.value)
         return g.eval()
 
     def fit_epochs(self) -> int:
-        return self.pretrain_epochs + self.rounds * (self.mask_epochs + self.invert_epochs + self.defend_epochs)
+        p = self.params
+        return p.pretrain_epochs + p.rounds * (p.mask_epochs + p.invert_epochs + p.defend_epochs)
 
     def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
         frozen = self._frozen
-        assert frozen is not None, "bind() first"
         device_gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
         x = benign.x.to(self.device)
-        if self.use_labels:
+        if self.params.use_labels:
             y = benign.y.to(self.device)
         else:
             with torch.no_grad():
                 y = torch.cat([frozen(to_float(x[i : i + 512])).argmax(1) for i in range(0, x.shape[0], 512)])
-        g = self._pretrained_generator(x, device_gen)
-        g_opt = torch.optim.Adam(g.parameters(), lr=self.gen_lr)
+        g = self._pretrained_generator(x)
+        g_opt = torch.optim.Adam(g.parameters(), lr=self.params.gen_lr)
         if self.mode == "unlearn":
             trainable: nn.Module = copy.deepcopy(frozen).eval()  # the shared frozen model stays untouched
             split = Split(trainable.feature_map, trainable.head_from_map)
-            opt = torch.optim.Adam(trainable.parameters(), lr=self.unlearn_lr)
+            opt = torch.optim.Adam(trainable.parameters(), lr=self.params.unlearn_lr)
         else:
             trainable = self.new_generator()
             trainable.load_state_dict(g.state_dict())  # the purifier starts at the identity too
             trainable.eval()
             purifier = trainable
             split = Split(lambda images: frozen.feature_map(purifier(images)), frozen.head_from_map)
-            opt = torch.optim.Adam(trainable.parameters(), lr=self.purify_lr)
+            opt = torch.optim.Adam(trainable.parameters(), lr=self.params.purify_lr)
         num_classes = benign.num_classes
         target: int | None = None
         mask = None
-        for _ in tqdm(range(self.rounds), desc=f"btidbf ({self.mode})", leave=False, disable=None):
+        for _ in tqdm(range(self.params.rounds), desc=f"btidbf ({self.mode})", leave=False, disable=None):
             trainable.requires_grad_(False)  # steps 1-2 only differentiate through it
             mask = self.learn_mask(split, x, y, device_gen)
             self.invert(g, g_opt, split, mask, x, device_gen, target)
             found = self.detect_target(g, split, x, num_classes)
             if target is None:
                 target = found
-            elif self.early_stop and found != target:
+            elif self.params.early_stop and found != target:
                 break
             trainable.requires_grad_(True)
             self.defend(split, trainable, opt, g, x, y, device_gen)
@@ -413,7 +383,7 @@ class BTIDBF(Defense):
 
     def _install(self, trainable: nn.Module) -> None:
         if self.mode == "unlearn":
-            self.model = trainable
+            self._unlearned = trainable
         else:
             assert isinstance(trainable, PixelGenerator)
             self._purifier = trainable
@@ -421,7 +391,7 @@ class BTIDBF(Defense):
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         assert self._generator is not None, "fit() first"
-        trained = self.model if self.mode == "unlearn" else self._purifier
+        trained = self._unlearned if self.mode == "unlearn" else self._purifier
         assert trained is not None
         return {
             "trained": {k: v.cpu() for k, v in trained.state_dict().items()},
@@ -431,7 +401,6 @@ class BTIDBF(Defense):
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        assert self._frozen is not None, "bind() first"
         g = self.new_generator()
         g.load_state_dict(state["generator"])
         self._generator = g.eval()
@@ -460,20 +429,24 @@ class BTIDBF(Defense):
         if self.mode == "unlearn":
             return x
         assert self._purifier is not None, "fit() or load_state() first"
-        return self._purifier(x, self.noise, self._gen)
+        return self._purifier(x, self.params.noise, self._gen)
 
 
 @DEFENSES.register("btidbf_u")
 class BTIDBFUnlearn(BTIDBF):
     """BTI-DBF (U): unlearn the inverted backdoor by fine-tuning a copy of the model."""
 
-    name = "btidbf_u"
-    fixed_mode = "unlearn"
+    class Params(BTIDBF.Params):
+        mode: Literal["unlearn"] = Field("unlearn", description="fixed: unlearn (U)")
+
+    params: Params
 
 
 @DEFENSES.register("btidbf_p")
 class BTIDBFPurify(BTIDBF):
     """BTI-DBF (P): purify inputs with a U-Net trained against the inverted backdoor."""
 
-    name = "btidbf_p"
-    fixed_mode = "purify"
+    class Params(BTIDBF.Params):
+        mode: Literal["purify"] = Field("purify", description="fixed: purify (P)")
+
+    params: Params

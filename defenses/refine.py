@@ -35,17 +35,19 @@ keep ``f``'s prediction) and ``supcon_weight: 0`` (no contrastive term).
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveInt, field_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from bench.core.data import ImageSet
 from bench.core.device import to_float
 from bench.core.errors import BenchError
-from bench.core.params import require, require_between, require_count
+from bench.core.params import PluginParams
 from bench.core.registry import DEFENSES
 from bench.core.seeding import derive_seed, generator
 from bench.nn import augment
@@ -94,72 +96,40 @@ class Refine(Defense):
 
     trainable = True
 
-    def __init__(
-        self,
-        width: int | None = None,
-        epochs: int = 150,
-        batch_size: int = 256,
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        milestones: list[int] | None = None,
-        gamma: float = 0.8,
-        supcon_weight: float = 0.1,
-        temperature: float = 0.07,
-        remap: bool = True,
-        classification_loss: str = "ce",
-        crop_scale: list[float] | None = None,
-        flip: bool = True,
-        grayscale: float = 0.2,
-        benign_fraction: float = 0.2,
-        amp: bool = True,
-        **params: Any,
-    ) -> None:
-        super().__init__(**params)
-        self.width = width
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.optimizer = optimizer
-        self.lr = lr
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.milestones = list(milestones) if milestones is not None else [100, 130]
-        self.gamma = gamma
-        self.supcon_weight = supcon_weight
-        self.temperature = temperature
-        self.remap = remap
-        self.classification_loss = classification_loss
-        self.crop_scale = list(crop_scale) if crop_scale is not None else [0.8, 1.0]
-        self.flip = flip
-        self.grayscale = grayscale
-        self.benign_fraction = benign_fraction
-        self.amp = amp
-        self._validate()
+    class Params(PluginParams):
+        width: int | None = Field(None, ge=1, description="U-Net base width c; null: 64 up to 64-px images, else 32 (the paper's)")
+        epochs: int = Field(150, ge=1, description="training epochs over the benign data")
+        batch_size: int = Field(256, ge=2, description="batch size (the ragged last batch is dropped)")
+        optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd (the paper) or adam (BackdoorBox)")
+        lr: float = Field(0.01, gt=0, description="learning rate")
+        momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Adam: beta1)")
+        weight_decay: float = Field(5e-4, ge=0, description="weight decay")
+        milestones: list[PositiveInt] = Field([100, 130], description="epochs after which the lr is multiplied by gamma")
+        gamma: float = Field(0.8, gt=0, le=1, description="lr factor at each milestone")
+        supcon_weight: float = Field(0.1, ge=0, description="weight lambda of the supervised contrastive term (0: ablation)")
+        temperature: float = Field(0.07, gt=0, description="temperature of the contrastive loss")
+        remap: bool = Field(True, description="use the output mapping (false: ablation, identity mapping)")
+        classification_loss: Literal["ce", "bce"] = Field("ce", description="ce (the paper) or bce on the remapped softmax (public code)")
+        crop_scale: tuple[float, float] = Field((0.8, 1.0), description="area range [low, high] of the random resized crop")
+        flip: bool = Field(True, description="random horizontal flip during training")
+        grayscale: float = Field(0.2, ge=0, le=1, description="probability of a random grayscale image during training")
+        benign_fraction: float = Field(0.2, gt=0, lt=1, description="share of the training set used as benign data")
+        amp: bool = Field(True, description="bf16 autocast on CUDA")
+
+        @field_validator("crop_scale")
+        @classmethod
+        def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+            if not 0 < value[0] <= value[1] <= 1:
+                raise ValueError("must be [low, high] with 0 < low <= high <= 1")
+            return value
+
+    params: Params
+
+    def __init__(self, params: PluginParams | Mapping[str, Any] | None = None, **raw: Any) -> None:
+        super().__init__(params, **raw)
         self._unet: UNet | None = None
         self._perm: Tensor | None = None
         self._fit_loss = float("nan")
-
-    def _validate(self) -> None:
-        name = self.name
-        if self.width is not None:
-            require_count(name, "width", self.width)
-        require_count(name, "epochs", self.epochs)
-        require_count(name, "batch_size", self.batch_size, minimum=2)
-        require(self.optimizer in ("sgd", "adam"), name, f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        require(self.lr > 0, name, f"lr must be > 0, got {self.lr}")
-        require(all(isinstance(m, int) and 0 < m for m in self.milestones), name,
-                f"milestones must be positive epochs, got {self.milestones}")  # fmt: skip
-        require_between(name, "gamma", self.gamma, 0, 1, "(]")
-        require(self.supcon_weight >= 0, name, f"supcon_weight must be >= 0, got {self.supcon_weight}")
-        require(self.temperature > 0, name, f"temperature must be > 0, got {self.temperature}")
-        require(isinstance(self.remap, bool), name, f"remap must be true or false, got {self.remap!r}")
-        require(self.classification_loss in ("ce", "bce"), name,
-                f"classification_loss must be ce or bce, got {self.classification_loss!r}")  # fmt: skip
-        require(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, name,
-                f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")  # fmt: skip
-        require_between(name, "grayscale", self.grayscale, 0, 1)
-        require_between(name, "benign_fraction", self.benign_fraction, 0, 1, "()")
 
     # ------------------------------------------------------------------ modules
     def unet_width(self, image_size: int) -> int:
@@ -168,8 +138,8 @@ class Refine(Defense):
         The paper uses c = 64 on 32-px CIFAR-10 and c = 32 on 224-px ImageNet, where every
         feature map is 49x larger; images up to 64 px count as small.
         """
-        if self.width is not None:
-            return self.width
+        if self.params.width is not None:
+            return self.params.width
         return 64 if image_size <= 64 else 32
 
     def _build_unet(self, channels: int, width: int) -> UNet:
@@ -190,7 +160,7 @@ class Refine(Defense):
         return self._perm
 
     def _map(self, logits: Tensor) -> Tensor:
-        return remap(logits, self.permutation) if self.remap else logits
+        return remap(logits, self.permutation) if self.params.remap else logits
 
     # ------------------------------------------------------------------ the defended model
     def transform(self, x: Tensor) -> Tensor:
@@ -207,10 +177,10 @@ class Refine(Defense):
     # ------------------------------------------------------------------ training
     def _optimizer(self) -> torch.optim.Optimizer:
         assert self._unet is not None
-        params = self._unet.parameters()
-        if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, betas=(self.momentum, 0.999), weight_decay=self.weight_decay)
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        params, p = self._unet.parameters(), self.params
+        if p.optimizer == "adam":
+            return torch.optim.Adam(params, lr=p.lr, betas=(p.momentum, 0.999), weight_decay=p.weight_decay)
+        return torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
 
     def _loss(self, x: Tensor) -> Tensor:
         """REFINE's objective on one augmented batch ``x``; never looks at ground-truth labels."""
@@ -219,18 +189,18 @@ class Refine(Defense):
             pseudo = self.model(x).argmax(1)
         transformed = self._unet(x).clamp(0, 1)
         scores = self._map(self.model(transformed))
-        if self.classification_loss == "ce":
+        if self.params.classification_loss == "ce":
             loss = F.cross_entropy(scores.float(), pseudo)
         else:
             target = F.one_hot(pseudo, scores.shape[1]).float()
             loss = F.binary_cross_entropy(scores.float().softmax(1), target)
-        if self.supcon_weight > 0:
+        if self.params.supcon_weight > 0:
             z = F.normalize(transformed.flatten(1).float(), dim=1)
-            loss = loss + self.supcon_weight * supcon_loss(torch.stack([z, z], 1), pseudo, self.temperature)
+            loss = loss + self.params.supcon_weight * supcon_loss(torch.stack([z, z], 1), pseudo, self.params.temperature)
         return loss
 
     def fit_epochs(self) -> int:
-        return self.epochs
+        return self.params.epochs
 
     def fit(self, benign: ImageSet, gen: torch.Generator) -> None:
         """Train T on the benign images (their labels are never read) for ``epochs`` epochs."""
@@ -241,23 +211,24 @@ class Refine(Defense):
             raise BenchError(f"refine: needs at least 2 benign images, got {n}")
         self._perm = self._draw_permutation(benign.num_classes)
         self._unet = self._build_unet(images.shape[1], self.unet_width(max(images.shape[-2:])))
-        batch = min(self.batch_size, n)
+        p = self.params
+        batch = min(p.batch_size, n)
         steps = n // batch  # drop the ragged last batch, as the public code does
-        recipe = TrainRecipe(epochs=self.epochs, batch_size=batch, lr=self.lr, momentum=self.momentum,
-                             weight_decay=self.weight_decay, schedule="multistep", milestones=self.milestones,
-                             gamma=self.gamma)  # fmt: skip
+        recipe = TrainRecipe(epochs=p.epochs, batch_size=batch, lr=p.lr, momentum=p.momentum,
+                             weight_decay=p.weight_decay, schedule="multistep", milestones=p.milestones,
+                             gamma=p.gamma)  # fmt: skip
         optimizer = self._optimizer()
         scheduler = make_scheduler(optimizer, recipe, steps)
         gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-        use_amp = self.amp and self.device.type == "cuda"
+        use_amp = p.amp and self.device.type == "cuda"
         self._unet.train()
-        bar = tqdm(total=self.epochs * steps, desc="fit refine", leave=False, disable=None)
-        for epoch in range(self.epochs):
+        bar = tqdm(total=p.epochs * steps, desc="fit refine", leave=False, disable=None)
+        for epoch in range(p.epochs):
             order = torch.randperm(n, generator=gen, device=self.device)
             running = torch.zeros((), device=self.device)
             for step in range(steps):
                 x = to_float(images[order[step * batch : (step + 1) * batch]])
-                x = refine_augment(x, gen, tuple(self.crop_scale), self.flip, self.grayscale)
+                x = refine_augment(x, gen, p.crop_scale, p.flip, p.grayscale)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                     loss = self._loss(x)
                 optimizer.zero_grad(set_to_none=True)

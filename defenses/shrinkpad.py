@@ -7,17 +7,17 @@ location; ``pad`` is the intensity knob of the trade-off curve.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
-from bench.core.errors import BenchError
+from bench.core.params import PluginParams
+from bench.core.plugin import DatasetMeta
 from bench.core.registry import DEFENSES
 from bench.core.seeding import generator
 from bench.nn.augment import shift_images
-from defenses.base import Defense
+from defenses.base import Defense, DefenseContext
 
 
 def shrink_pad(x: Tensor, pad: int, gen: torch.Generator) -> Tensor:
@@ -38,19 +38,24 @@ class ShrinkPad(Defense):
 
     intensity_param = "pad"
 
-    def __init__(self, pad: int = 4, **params: Any) -> None:
-        super().__init__(**params)
-        if not isinstance(pad, int) or pad < 0:
-            raise BenchError(f"shrinkpad: pad must be a non-negative integer, got {pad!r}")
-        self.pad = pad
-        self._gen: torch.Generator | None = None
+    class Params(PluginParams):
+        pad: int = Field(4, ge=0, description="pixels the image shrinks by (per side length) before padding back")
 
-    def bind(self, model: torch.nn.Module, device: torch.device, seed: int = 0) -> None:
-        super().bind(model, device, seed)
+    params: Params
+    _gen: torch.Generator | None = None
+
+    def bind(self, model: torch.nn.Module, device: torch.device, seed: int = 0, ctx: DefenseContext | None = None) -> None:
+        super().bind(model, device, seed, ctx)
         self._gen = generator(seed, "shrinkpad", device=device)
 
+    def _require_fits(self, height: int, width: int) -> None:
+        if self.params.pad >= min(height, width):
+            self.fail(f"pad {self.params.pad} must be smaller than the image size {height}x{width}")
+
+    def check(self, meta: DatasetMeta) -> None:
+        self._require_fits(meta.height, meta.width)
+
     def transform(self, x: Tensor) -> Tensor:
-        if self.pad >= min(x.shape[-2:]):
-            raise BenchError(f"shrinkpad: pad {self.pad} must be smaller than the image size {x.shape[-1]}")
+        self._require_fits(x.shape[-2], x.shape[-1])
         assert self._gen is not None, "bind() the defense to a model first"
-        return shrink_pad(x, self.pad, self._gen)
+        return shrink_pad(x, self.params.pad, self._gen)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.core.data import DataPaths, DataSplit, load_dataset
+from bench.core.data import DataPaths, DataSplit, ImageSet, load_dataset, stratified_split
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg"
@@ -82,3 +82,14 @@ def small_cifar_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for split in ("train", "test"):
             tar.add(base / "tree" / split, arcname=split)
     return tarball
+def sample(images: ImageSet, n: int, seed: int = 0) -> ImageSet:
+    """A class-balanced, seeded sample of ``n`` images."""
+    index, _ = stratified_split(images.y, n, seed)
+    return images.subset(index)
+
+
+def small_split(request: pytest.FixtureRequest, n_train: int, n_test: int) -> DataSplit:
+    """A small class-balanced split of the real dataset named by ``request.param`` (mnist, cifar10),
+    for contract tests parametrised over both."""
+    split: DataSplit = request.getfixturevalue(request.param)
+    return DataSplit(split.name, sample(split.train, n_train), sample(split.test, n_test))

@@ -12,9 +12,10 @@ import json
 
 import pytest
 import torch
+from conftest import small_split
 
 from attacks.base import Attack, FitContext, PoisonedSet
-from bench.core.data import DataSplit, ImageSet, stratified_split
+from bench.core.data import DataSplit, ImageSet
 from bench.core.device import to_float, to_uint8
 from bench.core.models import build_model
 from bench.core.registry import ATTACKS
@@ -28,15 +29,9 @@ N_TEST = 60
 FAST_PARAMS = {"label_consistent": {"steps": 5}}
 
 
-def sample(images: ImageSet, n: int, seed: int = 0) -> ImageSet:
-    index, _ = stratified_split(images.y, n, seed)
-    return images.subset(index)
-
-
 @pytest.fixture(scope="module", params=["mnist", "cifar10"])
 def data(request: pytest.FixtureRequest) -> DataSplit:
-    split: DataSplit = request.getfixturevalue(request.param)
-    return DataSplit(split.name, sample(split.train, N_TRAIN), sample(split.test, N_TEST))
+    return small_split(request, N_TRAIN, N_TEST)
 
 
 def tiny_model_factory(train: ImageSet):
@@ -111,7 +106,7 @@ def test_poisoned_count_and_labels_follow_the_attack_rule(name: str, data: DataS
     result = poisoned(attack, train)
     index, cover = result.poisoned_index, result.cover_index
     rate = attack.poisoning_rate(RATE)
-    own = getattr(attack, "poison_rate", None)
+    own = getattr(attack.params, "poison_rate", None)
     if type(attack).poisoning_rate is Attack.poisoning_rate:
         # The grid's rate, unless the attack has its own ``poison_rate`` parameter set.
         assert rate == (RATE if own is None else own)

@@ -48,7 +48,7 @@ def test_training_samples_carry_one_weak_patch_each(train: ImageSet) -> None:
         for i in range(group.numel()):
             j = i % 4
             inside = masks[j, 0] > 0
-            expected = before[i] + attack.alphas[j] * (marks[j] - before[i])
+            expected = before[i] + attack.params.alphas[j] * (marks[j] - before[i])
             torch.testing.assert_close(after[i][:, inside], expected[:, inside], atol=1 / 255 + 1e-6, rtol=0)
             others = masks.sum(0)[0] - masks[j, 0] > 0
             assert torch.equal(after[i][:, others], before[i][:, others]), "a sample got more than one patch"

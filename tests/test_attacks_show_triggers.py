@@ -10,12 +10,11 @@ from PIL import Image
 
 from bench.cli import main
 from bench.core.registry import ATTACKS
-from bench.orchestration.config import PluginSpec
-from bench.report.triggers import default_specs, trigger_examples
+from bench.report.triggers import default_attacks, trigger_examples
 
 
 def test_examples_cover_every_registered_attack(mnist) -> None:
-    examples = trigger_examples(default_specs(), mnist, seed=0, index=3)
+    examples = trigger_examples(default_attacks(), mnist, seed=0, index=3)
     assert [e.label for e in examples] == ATTACKS.names()
     for ex in examples:
         assert ex.clean.shape == ex.poisoned.shape == (1, 28, 28)
@@ -40,6 +39,6 @@ def test_cli_uses_a_grid_files_attacks_and_parameters(tmp_path: Path, capsys, mn
     out = tmp_path / "two.png"
     assert main(["show-triggers", str(path), "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
     assert "2 attacks" in capsys.readouterr().out and out.is_file()
-    examples = trigger_examples([PluginSpec(name="badnets", params={"size": 5}, label="big patch")], mnist)
+    examples = trigger_examples([("big patch", ATTACKS.create("badnets", {"size": 5}))], mnist)
     assert examples[0].label == "big patch"
     assert int((examples[0].poisoned != examples[0].clean).sum()) <= 25

@@ -91,7 +91,7 @@ def test_impossible_rate_for_the_non_target_pool_is_an_error():
 @pytest.mark.parametrize("kwargs,match", [
     ({"size": 0}, "size must be >= 1"),
     ({"pattern": "checker"}, "pattern must be"),
-    ({"colour": "red"}, "unknown parameters"),
+    ({"colour": "red"}, "unknown parameter 'colour'"),
 ])  # fmt: skip
 def test_bad_badnets_parameters(kwargs, match):
     with pytest.raises(BenchError, match=match):

@@ -14,6 +14,7 @@ from bench.core.errors import BenchError
 from bench.core.models import build_model
 from bench.nn.mae import MAEConfig, MAERecipe, MaskedAutoencoder, load_mae_weights, random_token_masks, train_mae
 from bench.nn.ssim import ssim_map
+from defenses.base import MissingArtifactError
 from defenses.bdmae import BDMAE, grid_adjacency, grow_regions, purification_masks, refine_scores, top_k_mask
 
 TINY_MAE = {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
@@ -219,7 +220,7 @@ def test_bdmae_scores_have_token_shapes_and_ranges(fitted_bdmae: BDMAE, mnist) -
     structural, label, y0 = fitted_bdmae.token_scores(x)
     assert structural.shape == label.shape == (16, 49)  # 28 px / 4-px patches = 7x7 tokens
     assert y0.shape == (16,)
-    refine_budget = fitted_bdmae.refine_rounds * fitted_bdmae.refine_step
+    refine_budget = fitted_bdmae.params.refine_rounds * fitted_bdmae.params.refine_step
     assert structural.min() >= -refine_budget and structural.max() <= 2 + refine_budget
     assert label.min() >= -refine_budget and label.max() <= 1 + refine_budget
 
@@ -242,15 +243,19 @@ def test_bdmae_locates_and_removes_the_corner_trigger(fitted_bdmae: BDMAE, mnist
 def test_bdmae_without_restoration_is_the_identity_and_state_round_trips(fitted_bdmae: BDMAE, mnist) -> None:
     x = to_float(mnist.test.x[:8])
     none = BDMAE(max_restore=0.0, init_rounds=1, refine_rounds=1, mae=TINY_MAE)
-    none.bind(fitted_bdmae.model, torch.device("cpu"), seed=3)
+    none.bind(fitted_bdmae.model, torch.device("cpu"), seed=3, ctx=fitted_bdmae.ctx)  # where the MAE is
     none.load_state(fitted_bdmae.state())
     assert torch.equal(none.transform(x), x)
     twin_a = BDMAE(init_rounds=2, refine_rounds=4, mae=TINY_MAE)
     twin_b = BDMAE(init_rounds=2, refine_rounds=4, mae=TINY_MAE)
     for twin in (twin_a, twin_b):
-        twin.bind(fitted_bdmae.model, torch.device("cpu"), seed=5)
+        twin.bind(fitted_bdmae.model, torch.device("cpu"), seed=5, ctx=fitted_bdmae.ctx)
         twin.load_state(fitted_bdmae.state())
     assert torch.equal(twin_a.transform(x), twin_b.transform(x))  # same seed, same purification
+    stranger = BDMAE(mae=TINY_MAE)
+    stranger.bind(fitted_bdmae.model, torch.device("cpu"), seed=5)  # a context that never saw the MAE
+    with pytest.raises(MissingArtifactError):
+        stranger.load_state(fitted_bdmae.state())
 
 
 def test_bdmae_features_come_from_the_final_call_on_the_purified_images(fitted_bdmae: BDMAE, mnist) -> None:
@@ -277,7 +282,7 @@ def test_bdmae_parameters_are_validated() -> None:
         BDMAE(init_rounds=0)
     with pytest.raises(BenchError, match="mae_train"):
         BDMAE(mae_train={"epochs": 0})
-    with pytest.raises(BenchError, match="unknown parameters"):
+    with pytest.raises(BenchError, match="unknown parameter 'mask_size'"):
         BDMAE(mask_size=3)
     with pytest.raises(BenchError, match="MAE architecture"):
         BDMAE(mae={"patch_size": 5}).mae_config(3, 32)

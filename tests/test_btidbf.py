@@ -130,18 +130,18 @@ def test_both_modes_fit_round_trip_and_leave_the_frozen_model_alone(digits_model
         assert torch.equal(defense.predict(x), twin.predict(x))
         assert twin.detected_target == defense.detected_target
         if cls is BTIDBFUnlearn:
-            assert twin.model is not digits_model
+            assert twin.classifier is not digits_model and twin.model is digits_model
             assert any(not torch.equal(a, b) for a, b in zip(state["trained"].values(), before.values()))
         else:
-            assert twin.model is digits_model
+            assert twin.classifier is digits_model
     for key, value in digits_model.state_dict().items():  # the runner's shared model is untouched
         assert torch.equal(value, before[key]), key
 
 
 def test_modes_and_parameters_are_validated() -> None:
     assert BTIDBF(mode="purify").mode == "purify" and BTIDBF().mode == "unlearn"
-    assert BTIDBFUnlearn().benign_fraction == 0.05
-    with pytest.raises(BenchError, match="mode is fixed"):
+    assert BTIDBFUnlearn().benign_fraction == 0.05 and BTIDBFPurify().mode == "purify"
+    with pytest.raises(BenchError, match="mode must be 'unlearn'"):
         BTIDBFUnlearn(mode="purify")
     with pytest.raises(BenchError, match="mode must be"):
         BTIDBF(mode="erase")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.core.errors import UnknownNameError
+from bench.core.errors import BenchError, UnknownNameError
 from bench.core.metrics import backdoor_metrics
 from bench.core.models import build_model
 from bench.core.registry import ATTACKS, DEFENSES
@@ -45,7 +45,7 @@ def test_shrinkpad_keeps_size_zero_pads_and_varies_offset(cifar10):
 
 def test_shrinkpad_pad_is_its_intensity_and_validated():
     assert ShrinkPad(pad=6).intensity == 6 and ShrinkPad.intensity_param == "pad"
-    with pytest.raises(Exception, match="non-negative integer"):
+    with pytest.raises(BenchError, match="^shrinkpad: pad must be >= 0, got -1$"):
         ShrinkPad(pad=-1)
 
 

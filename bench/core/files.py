@@ -163,9 +163,35 @@ def read_json_object(path: Path) -> dict | None:
     """The JSON file when it holds an object; None when it is missing, unreadable or anything else."""
     data = read_json(path)
     return data if isinstance(data, dict) else None
+def _require_plain_json(obj: Any, where: str = "$") -> None:
+    """Raise TypeError unless ``obj`` is made of dicts with string keys, lists, strings, finite
+    numbers, booleans and None: anything else would have to be stringified, and two different
+    values (a Path and its string, 1 and "1" as keys) could then share a hash."""
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return
+    if isinstance(obj, float):
+        if obj != obj or obj in (float("inf"), float("-inf")):
+            raise TypeError(f"stable_hash: {where} is {obj}, not a finite number")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            _require_plain_json(item, f"{where}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for key, item in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"stable_hash: {where} has a non-string key {key!r}")
+            _require_plain_json(item, f"{where}.{key}")
+        return
+    raise TypeError(f"stable_hash: {where} is a {type(obj).__name__}, not a plain JSON value")
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
-    """A short content hash of a JSON-able object, independent of dict key order."""
-    raw = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    """A short content hash of a plain JSON value, independent of dict key order.
+
+    Only plain JSON is accepted (see :func:`_require_plain_json`): cache keys must never depend
+    on how some object happens to print.
+    """
+    _require_plain_json(obj)
+    raw = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(raw.encode()).hexdigest()[:length]

@@ -7,16 +7,24 @@ work in plain pixel space and feed their output straight to the model.
 
 Every model exposes ``features(x)`` (the penultimate-layer representation, used for t-SNE and by
 feature-space defenses) and ``head`` (the last linear layer): ``model(x) == head(features(x))``.
+
+Models are plugins like attacks and defenses (:mod:`bench.core.plugin`): a model's own
+parameters (a width, say) are declared in its ``Params``; the class count and input channels
+come from the dataset and are passed beside them (:func:`build_model`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Mapping
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from bench.core.params import PluginParams
+from bench.core.plugin import Plugin
 from bench.core.registry import MODELS
 
 # Per-channel statistics used for normalisation when the dataset does not provide its own.
@@ -36,11 +44,12 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class Classifier(nn.Module):
+class Classifier(nn.Module, Plugin):
     """Base class: normalisation, a feature extractor ending in a vector, and a linear head."""
 
-    def __init__(self, in_channels: int) -> None:
-        super().__init__()
+    def __init__(self, in_channels: int, params: PluginParams | Mapping[str, Any] | None = None, **raw: Any) -> None:
+        nn.Module.__init__(self)
+        self.params = self.parse_params(params, **raw)
         self.normalize = Normalize(DEFAULT_MEAN.get(in_channels, (0.5,) * in_channels),
                                    DEFAULT_STD.get(in_channels, (0.25,) * in_channels))
         self.head: nn.Linear
@@ -75,8 +84,15 @@ class Classifier(nn.Module):
 class SmallCNN(Classifier):
     """A 6-conv VGG-style CNN with batch norm: minutes on a CPU, ~80% on CIFAR-10."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32) -> None:
-        super().__init__(in_channels)
+    class Params(PluginParams):
+        width: int = Field(32, ge=1, description="channels of the first block (the others have 2x and 4x)")
+
+    params: Params
+
+    def __init__(self, num_classes: int, in_channels: int = 3, params: PluginParams | Mapping[str, Any] | None = None,
+                 **raw: Any) -> None:  # fmt: skip
+        super().__init__(in_channels, params, **raw)
+        width = self.params.width
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
@@ -121,8 +137,9 @@ class BasicBlock(nn.Module):
 class CifarResNet18(Classifier):
     """ResNet-18 for 32-px images: 3x3 stem, no max-pool (the REFINE paper's backbone)."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
-        super().__init__(in_channels)
+    def __init__(self, num_classes: int, in_channels: int = 3, params: PluginParams | Mapping[str, Any] | None = None,
+                 **raw: Any) -> None:  # fmt: skip
+        super().__init__(in_channels, params, **raw)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
         layers, cin = [], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
@@ -143,8 +160,9 @@ class CifarResNet18(Classifier):
 class TorchvisionResNet18(Classifier):
     """torchvision's ImageNet-style ResNet-18 (7x7 stem + max-pool) for 224-px data; no weights."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
-        super().__init__(in_channels)
+    def __init__(self, num_classes: int, in_channels: int = 3, params: PluginParams | Mapping[str, Any] | None = None,
+                 **raw: Any) -> None:  # fmt: skip
+        super().__init__(in_channels, params, **raw)
         from torchvision.models import resnet18
 
         net = resnet18(weights=None, num_classes=num_classes)
@@ -163,12 +181,6 @@ class TorchvisionResNet18(Classifier):
         return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
-def build_model(name: str, num_classes: int, in_channels: int, **params: object) -> Classifier:
+def build_model(name: str, num_classes: int, in_channels: int, **params: Any) -> Classifier:
     """Instantiate a registered model for ``num_classes`` classes and ``in_channels`` channels."""
-    from bench.core.errors import BenchError
-
-    cls = MODELS.get(name)
-    try:
-        return cls(num_classes=num_classes, in_channels=in_channels, **params)
-    except TypeError as err:
-        raise BenchError(f"model {name!r}: bad parameters {params}: {err}") from None
+    return MODELS.create(name, params, num_classes=num_classes, in_channels=in_channels)

@@ -1,6 +1,8 @@
 """Name -> class registries for attacks, defenses, models and datasets.
 
-A plugin registers itself with a decorator (``@ATTACKS.register("badnets")``). Third-party
+A plugin (a :class:`~bench.core.plugin.Plugin` subclass) registers itself with a decorator
+(``@ATTACKS.register("badnets")``) and is built from its name and parameters by
+:meth:`Registry.create`, which validates the parameters first. Third-party
 packages add plugins without touching this repository through the entry-point groups
 ``bench.attacks``, ``bench.defenses``, ``bench.models`` and ``bench.datasets``: each entry
 point names a module (or object) whose import runs the decorators.
@@ -10,16 +12,18 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from bench.core.errors import UnknownNameError
+from bench.core.plugin import Plugin
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A case-sensitive mapping from plugin names to plugin classes or factories."""
+    """A case-sensitive mapping from plugin names to plugin classes."""
 
     def __init__(
         self, kind: str, entry_point_group: str | None = None, builtins: str | None = None
@@ -31,17 +35,32 @@ class Registry(Generic[T]):
         self._entry_points_loaded = False
 
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator that registers ``obj`` under ``name``; a duplicate name is a bug."""
+        """Decorator that registers the plugin class ``obj`` under ``name``; a duplicate name is a bug."""
 
         def decorator(obj: T) -> T:
+            if not (isinstance(obj, type) and issubclass(obj, Plugin)):
+                raise TypeError(f"{self.kind} {name!r} must be a subclass of bench.core.plugin.Plugin, got {obj!r}")
             if name in self._items and self._items[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
-            if isinstance(obj, type) and not getattr(obj, "name", None):
-                obj.name = name  # type: ignore[attr-defined]
+            if "name" not in vars(obj) or not obj.name:  # a subclass does not inherit its parent's name
+                obj.name = name  # type: ignore[misc]
             return obj
 
         return decorator
+
+    def unregister(self, name: str) -> None:
+        """Remove a plugin (tests and notebooks that register throw-away plugins)."""
+        self._items.pop(name, None)
+
+    def create(self, name: str, params: Mapping[str, Any] | None = None, **context: Any) -> Any:
+        """Instantiate plugin ``name`` with validated ``params`` (one-line error when they are bad).
+
+        ``context`` holds what the plugin needs beyond its parameters (a model's class count and
+        input channels); it is never part of the parameters.
+        """
+        cls: Any = self.get(name)
+        return cls(params=cls.parse_params(params), **context)
 
     def _load_entry_points(self) -> None:
         """Import the built-in plugin package and third-party entry points, once."""
@@ -80,7 +99,7 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-def describe(obj: Any) -> str:
+def summary(obj: Any) -> str:
     """First line of a plugin's docstring: the one-line description shown by ``list``."""
     doc = (getattr(obj, "__doc__", None) or "").strip()
     return doc.splitlines()[0] if doc else ""

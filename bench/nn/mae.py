@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -128,27 +128,24 @@ class PatchEmbed(nn.Module):
 # --------------------------------------------------------------------------- the autoencoder
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
 class MAEConfig:
     """Architecture of a :class:`MaskedAutoencoder` (a small ViT by default, for 32-px images)."""
 
-    img_size: int = 32
-    patch_size: int = 4
-    in_chans: int = 3
-    embed_dim: int = 192
-    depth: int = 6
-    num_heads: int = 3
-    decoder_embed_dim: int = 128
-    decoder_depth: int = 2
-    decoder_num_heads: int = 4
-    mlp_ratio: float = 4.0
+    img_size: int = Field(32, ge=1)
+    patch_size: int = Field(4, ge=1)
+    in_chans: int = Field(3, ge=1)
+    embed_dim: int = Field(192, ge=4, multiple_of=4)
+    depth: int = Field(6, ge=1)
+    num_heads: int = Field(3, ge=1)
+    decoder_embed_dim: int = Field(128, ge=4, multiple_of=4)
+    decoder_depth: int = Field(2, ge=1)
+    decoder_num_heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
 
     def __post_init__(self) -> None:
-        if self.patch_size < 1 or self.img_size % self.patch_size:
+        if self.img_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must divide img_size {self.img_size}")
-        for name in ("embed_dim", "decoder_embed_dim"):
-            if getattr(self, name) % 4:
-                raise ValueError(f"{name} must be a multiple of 4, got {getattr(self, name)}")
 
 
 class MaskedAutoencoder(nn.Module):
@@ -309,7 +306,7 @@ def load_mae_weights(model: MaskedAutoencoder, path: str | Path) -> None:
     model.load_state_dict({k: state[k] for k in wanted})
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
 class MAERecipe:
     """MAE pre-training recipe (He et al.): AdamW, betas (0.9, 0.95), weight decay 0.05, base lr
     1.5e-4 per 256 images, cosine decay after a linear warm-up, mask ratio 0.75, random resized
@@ -317,20 +314,14 @@ class MAERecipe:
     autoencoder here is small and trained on the defender's benign split only.
     """
 
-    epochs: int = 200
-    batch_size: int = 256
-    blr: float = 1.5e-4
-    weight_decay: float = 0.05
-    warmup_epochs: int = 10
-    mask_ratio: float = 0.75
-    min_crop: float = 0.2
-    flip: bool = True
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("mae_train.epochs and mae_train.batch_size must be >= 1")
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"mae_train.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+    epochs: int = Field(200, ge=1, description="training epochs")
+    batch_size: int = Field(256, ge=1, description="batch size")
+    blr: float = Field(1.5e-4, gt=0, description="base learning rate per 256 images")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    warmup_epochs: int = Field(10, ge=0, description="epochs of linear lr warm-up")
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of tokens hidden per training image")
+    min_crop: float = Field(0.2, gt=0, le=1, description="smallest area of the random resized crop")
+    flip: bool = Field(True, description="random horizontal flip")
 
 
 @dataclass

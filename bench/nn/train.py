@@ -9,12 +9,11 @@ device and read once per epoch for the progress bar.
 
 from __future__ import annotations
 
-from dataclasses import field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field, PositiveInt
 from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -25,7 +24,7 @@ from bench.nn import augment
 BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
 
 
-@dataclass(config=ConfigDict(extra="forbid"))
+@dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
 class TrainRecipe:
     """Optimiser, schedule and augmentation of a training run.
 
@@ -35,32 +34,20 @@ class TrainRecipe:
     faster alternative recipe.
     """
 
-    epochs: int = 150
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "multistep"
-    milestones: list[int] = field(default_factory=lambda: [100, 130])
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    crop_padding: int = 4
+    epochs: int = Field(150, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["multistep", "onecycle", "constant"] = "multistep"
+    milestones: list[PositiveInt] = Field(default_factory=lambda: [100, 130])
+    gamma: float = Field(0.1, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    crop_padding: int = Field(4, ge=0)
     flip: bool = True
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
-        if self.schedule not in ("multistep", "onecycle", "constant"):
-            raise ValueError(f"train.schedule must be multistep, onecycle or constant, got {self.schedule!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe, steps_per_epoch: int):

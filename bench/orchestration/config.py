@@ -4,7 +4,9 @@ A grid file lists datasets, models, attacks, defenses and seeds; the grid is the
 plugin entry is either a bare name (``badnets``) or a mapping with ``name`` and parameters
 (``{name: shrinkpad, pad: [2, 4, 8]}``); a list given for a defense's intensity parameter
 expands into one grid column per value. Validation (pydantic) happens before any work starts,
-and every problem is reported as one line naming the file and the offending key.
+and every problem is reported as one line naming the file and the offending key. Plugin
+parameters are validated by each plugin's own ``Params`` when the grid is compiled
+(:mod:`bench.orchestration.grid`); non-finite numbers are refused anywhere in the file.
 
 YAML anchors and merge keys (``&refine`` ... ``<<: *refine``) are welcome, but aliases may not
 expand the document beyond :data:`MAX_YAML_NODES` values: a few hundred bytes of nested aliases
@@ -17,15 +19,17 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bench.core.determinism import Deterministic
 from bench.core.errors import BenchError
+from bench.core.params import validation_error_line
 from bench.nn.train import TrainRecipe
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # a run name: one plain path component
@@ -35,6 +39,7 @@ MAX_NAME_LENGTH = 100
 class PluginSpec(BaseModel):
     """A registered name plus its parameters, and an optional display label."""
 
+    value_phrase: ClassVar[tuple[str, str]] = ("a plugin name or {name: ..., parameters}", "plugin entries")
     model_config = ConfigDict(extra="forbid")
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -59,23 +64,9 @@ class PluginSpec(BaseModel):
 
 
 class PoisonSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    rate: float = 0.1
-    target: int = 0
-
-    @field_validator("rate")
-    @classmethod
-    def _rate(cls, v: float) -> float:
-        if not 0 < v < 1:
-            raise ValueError(f"poisoning rate must be in (0, 1), got {v}")
-        return v
-
-    @field_validator("target")
-    @classmethod
-    def _target(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"target label must be >= 0, got {v}")
-        return v
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    rate: float = Field(0.1, gt=0, lt=1)
+    target: int = Field(0, ge=0)  # checked against each dataset's classes when the grid compiles
 
 
 class TsneSettings(BaseModel):
@@ -93,7 +84,7 @@ class TsneSettings(BaseModel):
 class GridConfig(BaseModel):
     """A whole grid: the lists whose product is the set of cells, plus shared settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str | None = None
     datasets: list[PluginSpec] = Field(min_length=1)
     models: list[PluginSpec] = Field(min_length=1)
@@ -104,12 +95,12 @@ class GridConfig(BaseModel):
     train: TrainRecipe = Field(default_factory=TrainRecipe)
     # Fraction of the training set held out as the defender's clean data; the attacker never
     # sees (or poisons) it and the backdoored model is not trained on it.
-    holdout: float = 0.2
-    eval_batch_size: int = 1024
+    holdout: float = Field(0.2, ge=0, lt=1)
+    eval_batch_size: int = Field(1024, ge=1)
     device: str = "auto"
     # Intra-op threads of every job, whatever the machine: a job's numbers depend on it (float
     # reductions split over threads), so it is part of the experiment, not of the machine.
-    threads_per_job: int = 1
+    threads_per_job: int = Field(1, ge=1)
     # torch's deterministic algorithms (and cuDNN without autotuning) for every job; "warn" keeps
     # running ops that have no deterministic CUDA kernel and warns. No effect on CPU numbers.
     deterministic: Deterministic = False
@@ -145,20 +136,6 @@ class GridConfig(BaseModel):
             if spec.display() in labels:
                 raise ValueError(f"two entries have the same label {spec.display()!r}; give them distinct 'label's")
             seen[key] = labels[spec.display()] = spec
-        return v
-
-    @field_validator("holdout")
-    @classmethod
-    def _holdout(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError(f"holdout must be in [0, 1), got {v}")
-        return v
-
-    @field_validator("eval_batch_size", "threads_per_job")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
         return v
 
     @field_validator("deterministic", mode="before")
@@ -283,15 +260,33 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
+def non_finite_path(value: Any, where: str = "") -> str | None:
+    """The dotted path of the first NaN or infinity in a parsed YAML tree, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "(top level)"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = non_finite_path(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 def validate(raw: dict, source: str) -> GridConfig:
+    """A validated grid, or one :class:`BenchError` line naming ``source``, the key and the value."""
+    bad = non_finite_path(raw)
+    if bad is not None:
+        raise BenchError(f"{source}: {bad} must be a finite number, got {_lookup(raw, bad)}")
     try:
         return GridConfig.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        msg = first["msg"].removeprefix("Value error, ")
-        more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
-        raise BenchError(f"{source}: {where}: {msg}{more}") from None
+        raise BenchError(validation_error_line(err, GridConfig, raw, source, unknown="setting")) from None
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree[int(key)] if isinstance(tree, list) else tree[key]
+    return tree
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> GridConfig:

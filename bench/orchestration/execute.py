@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from bench.core.data import DataPaths
+from bench.core.data import DataPaths, check_metadata
 from bench.core.determinism import usable_cores
 from bench.core.device import resolve_device
 from bench.core.errors import BenchError
 from bench.core.files import atomic_write_text
 from bench.core.records import RecordStore
+from bench.core.registry import DATASETS
 from bench.orchestration.config import GridConfig
 from bench.orchestration.executors import (
     Executor,
@@ -39,7 +40,7 @@ from bench.orchestration.rundir import check_run_dir, claim_run_dir, remove_run_
 from bench.orchestration.runner import CellRunner
 from bench.orchestration.scheduler import execute_plan
 from bench.orchestration.status import JobBook
-from bench.orchestration.store import ArtifactStore, sweep_cache
+from bench.orchestration.store import ArtifactStore, check_cache_dir, sweep_cache
 from bench.report.page import make_figures
 from bench.report.tables import write_tables
 
@@ -102,7 +103,9 @@ def run_grid(
         raise BenchError("--address is for --backend ray")
     spec = str(device or config.device)
     check_worker_options(spec, workers, jobs_per_gpu, config.threads_per_job)
-    cells = compile_grid(config)  # validates names and parameters before any work
+    check_cache_dir(paths.cache_dir)
+    # Validates every name and parameter, and every plugin against the datasets' metadata.
+    cells = compile_grid(config, paths.data_root)
     check_distinct_cells(cells)
     # Ray workers choose their own device.
     dev = resolve_device(spec) if backend == "local" else None
@@ -122,14 +125,15 @@ def run_grid(
         # that the workers read.
         runner = CellRunner(config, paths, ArtifactStore(paths.cache_dir), dev or torch.device("cpu"))
         for dataset in {c.dataset.model_dump_json(exclude={"label"}): c.dataset for c in cells}.values():
-            runner.dataset(dataset)
+            meta = DATASETS.create(dataset.name, dataset.params).metadata(paths.data_root)
+            check_metadata(meta, runner.dataset(dataset))
     base = WorkerSpec(config, paths, str(dev) if dev else spec, plugin_modules(config))
     claim_run_dir(run_dir)
     with RunLock(run_dir):
         remove_run_temps(run_dir)  # debris of a killed writer; the run lock says no one else writes here
         sweep_cache(paths.cache_dir)  # the same in the cache, where only temporaries without a live writer go
         write_config_snapshot(config, run_dir)
-        plan = build_plan(cells, records, ArtifactStore(paths.cache_dir), config)
+        plan = build_plan(cells, records, ArtifactStore(paths.cache_dir))
         book = JobBook(run_dir, uuid.uuid4().hex[:12])
         outcome = None
         if plan.jobs:

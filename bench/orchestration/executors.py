@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +55,7 @@ class JobResult:
     ok: bool
     record: dict[str, Any] | None = None
     features: CellFeatures | None = None
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # built / loaded, in order
     error: str | None = None  # the exception's one-line summary
     traceback: str | None = None
     seconds: float = 0.0
@@ -109,29 +110,32 @@ def run_job(spec: WorkerSpec, job: Job, runner: Any = None) -> JobResult:
     try:
         with compute_settings(spec.config.threads_per_job, spec.config.deterministic):
             runner = runner if runner is not None else worker_runner(spec)
-            cell = execute_job(runner, job)
+            cell, artifacts = execute_job(runner, job)
     except Exception as err:
         return JobResult(job.job_id, False, error=error_line(err), traceback=traceback.format_exc(),
                          seconds=time.perf_counter() - start, worker=where)  # fmt: skip
     return JobResult(job.job_id, True, record=cell.record if cell else None, features=cell.features if cell else None,
-                     seconds=time.perf_counter() - start, worker=where)  # fmt: skip
+                     artifacts=artifacts, seconds=time.perf_counter() - start, worker=where)  # fmt: skip
 
 
-def execute_job(runner: Any, job: Job) -> Any:
+def execute_job(runner: Any, job: Job) -> tuple[Any, list[dict[str, Any]]]:
     """Produce the job's artifact (model, defense state), or the cell's record and features
-    (a :class:`bench.orchestration.runner.CellResult`) for a cell job."""
+    (a :class:`bench.orchestration.runner.CellResult`) for a cell job; with the artifacts the
+    job built or loaded."""
     cell = job.cell
+    runner.take_events()  # what an earlier, failed job left
     if job.kind == "cell":
-        return runner.run(cell)
+        result = runner.run(cell)
+        return result, result.record["artifacts"]
     data = runner.cell_data(cell)
     if job.kind == "clean":
         runner.clean_model(cell, data)
-        return None
-    attack = runner.fitted_attack(cell, data)
-    model, _ = runner.backdoored_model(cell, data, attack)
-    if job.kind == "defense":
-        runner.defense(cell, data, model)
-    return None
+    else:
+        attack = runner.fitted_attack(cell, data)
+        model, _ = runner.backdoored_model(cell, data, attack)
+        if job.kind == "defense":
+            runner.defense(cell, data, model)
+    return None, runner.take_events()
 
 
 # ------------------------------------------------------------------------------ executors

@@ -1,29 +1,41 @@
-"""Compile a grid config into cells with content-hash ids and artifact keys.
+"""Compile a grid config into cells with content-hash ids and artifact keys, checking it whole.
 
-Three keys make caching exact:
+Every plugin of the grid is instantiated here with its parameters (one-line errors for bad
+ones), and checked against the metadata of every dataset (class count, image size, channels,
+split sizes: :meth:`bench.core.data.Dataset.metadata`) -- so a grid that cannot work fails before
+anything is loaded, trained or written.
 
-- ``model_key``: everything that determines the backdoored model (dataset, model, the attack's
-  resolved parameters, poisoning settings, training recipe, holdout, seed). Defenses that share
-  it share one trained model.
-- ``defense_key``: the model key plus the defense's resolved parameters -- without the intensity
-  knob when the knob does not change the fitted state -- for trainable defenses.
-- ``cell_id``: the model key plus the defense's full parameters: one JSON record per id.
+Keys make caching exact. A plugin's part of a key is its identity: name, code ``version`` and
+validated parameters (:meth:`bench.core.plugin.Plugin.identity`), so ``pad: 4`` and ``pad: 4.0``
+share a key and bumping a plugin's version invalidates exactly what it produced.
 
-Plugins are instantiated here, so a bad parameter fails before any work starts.
+- ``data_key``: the (attacker, defender) split: dataset (training identity), holdout, seed.
+- ``model_key``: everything that determines the backdoored model (the split, model, attack,
+  poisoning settings, training recipe). Defenses that share it share one trained model.
+- ``defense_key``: the model key plus the defense's identity -- without the intensity knob when
+  the knob does not change the fitted state -- for trainable defenses.
+- ``cell_id``: the model key plus the defense's full identity: one JSON record per id.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from bench.core.data import Dataset, resolve_data_root
 from bench.core.errors import BenchError
 from bench.core.files import stable_hash
+from bench.core.params import PluginParams
+from bench.core.plugin import DatasetMeta
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from bench.orchestration.config import GridConfig, PluginSpec
 
-# Bump when a change to the code alters what a cached artifact would contain.
-ARTIFACT_VERSION = 1
+# Bump when a change to the harness (splits, poisoning, training loop) alters what a cached
+# artifact would contain; a change to one plugin bumps that plugin's own ``version`` instead.
+ARTIFACT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,8 @@ class Cell:
     defense_params: dict[str, Any] = field(hash=False)
     intensity: Any = None
     order: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    data_key: str = ""
+    clean_model_key: str = ""  # the ``clean`` reference model of this cell's split (clean-label attacks)
 
     @property
     def defense_label(self) -> str:
@@ -50,15 +64,6 @@ class Cell:
     @property
     def attack_label(self) -> str:
         return self.attack.display()
-
-
-def instantiate(registry: Any, spec: PluginSpec) -> Any:
-    """Build a plugin from its spec; a bad parameter becomes a one-line :class:`BenchError`."""
-    cls = registry.get(spec.name)
-    try:
-        return cls(**spec.params)
-    except TypeError as err:
-        raise BenchError(f"{registry.kind} {spec.name!r}: {err}") from None
 
 
 def expand_defenses(specs: list[PluginSpec]) -> list[PluginSpec]:
@@ -78,74 +83,111 @@ def expand_defenses(specs: list[PluginSpec]) -> list[PluginSpec]:
     return out
 
 
-def _training_data(dataset: PluginSpec) -> dict[str, Any]:
-    """The dataset entry as far as training sees it: ``test_subset`` only changes the evaluation,
-    so grids that evaluate on a test subset share their models with full-test-set grids."""
-    spec = dataset.model_dump(exclude={"label"})
-    spec["params"] = {k: v for k, v in spec["params"].items() if k != "test_subset"}
-    return spec
+def _normalised(spec: PluginSpec, params: PluginParams) -> PluginSpec:
+    """The spec with its given parameters replaced by their validated values (``4.0`` -> ``4``),
+    so that labels and records show what the plugin uses."""
+    values = params.model_dump(mode="json")
+    return spec.model_copy(update={"params": {k: values[k] for k in spec.params}})
 
 
-def model_key(
-    config: GridConfig, dataset: PluginSpec, model: PluginSpec, attack: str, attack_params: dict[str, Any], seed: int
-) -> str:
-    """The content hash of the model trained for (dataset, model, attack, seed) under ``config``."""
-    return stable_hash({
-        "v": ARTIFACT_VERSION,
-        "poison": config.poison.model_dump(),
-        "train": config.resolved()["train"],
-        "holdout": config.holdout,
-        "dataset": _training_data(dataset),
-        "model": model.model_dump(exclude={"label"}),
-        "attack": {"name": attack, **attack_params},
-        "seed": seed,
-    })  # fmt: skip
+def check_data(config: GridConfig, meta: DatasetMeta) -> None:
+    """What the grid's own settings need from a dataset: two classes and the target among them."""
+    if meta.num_classes < 2:
+        raise BenchError(f"dataset {meta.name!r} has {meta.num_classes} class; a backdoor benchmark needs at least 2")
+    target = config.poison.target
+    if not 0 <= target < meta.num_classes:
+        raise BenchError(f"poison.target {target} is not a class of dataset {meta.name!r} "
+                         f"({meta.num_classes} classes: 0 to {meta.num_classes - 1})")  # fmt: skip
 
 
-def clean_model_key(config: GridConfig, dataset: PluginSpec, model: PluginSpec, seed: int) -> str:
-    """The key of the ``clean`` reference attack's model: the same recipe on unpoisoned data.
+def _holdout_count(config: GridConfig, meta: DatasetMeta) -> int | None:
+    return None if meta.train_size is None else round(config.holdout * meta.train_size)
 
-    A clean-label attack's clean model (``FitContext.train_clean_model``) is this model, so it is
-    trained once and shared with the grid's ``clean`` row instead of once per attack setting.
+
+def compile_grid(config: GridConfig, data_root: str | Path | None = None) -> list[Cell]:
+    """All cells of the grid, in config order (dataset, model, attack, defense, seed).
+
+    Instantiates every plugin and checks it against every dataset's metadata (read from
+    ``data_root`` where a dataset needs files, e.g. an image folder) before any work.
     """
-    return model_key(config, dataset, model, "clean", instantiate(ATTACKS, PluginSpec(name="clean")).describe(), seed)
-
-
-def compile_grid(config: GridConfig) -> list[Cell]:
-    """All cells of the grid, in config order (dataset, model, attack, defense, seed)."""
+    root = resolve_data_root(data_root)
+    datasets: list[tuple[PluginSpec, Dataset]] = []
     for spec in config.datasets:
-        DATASETS.get(spec.name)
+        dataset: Dataset = DATASETS.create(spec.name, spec.params)
+        datasets.append((_normalised(spec, dataset.params), dataset))
+    models = []
     for spec in config.models:
-        MODELS.get(spec.name)
-    attacks = [(spec, instantiate(ATTACKS, spec).describe()) for spec in config.attacks]
-    defense_specs = expand_defenses(config.defenses)
-    defenses = [(spec, instantiate(DEFENSES, spec)) for spec in defense_specs]
-    labels = [spec.display() for spec in defense_specs]
+        cls = MODELS.get(spec.name)
+        params = cls.parse_params(spec.params)
+        models.append((_normalised(spec, params), cls, params))
+    attacks = []
+    for spec in config.attacks:
+        attack = ATTACKS.create(spec.name, spec.params)
+        attacks.append((_normalised(spec, attack.params), attack))
+    defenses = []
+    for spec in expand_defenses(config.defenses):
+        defense = DEFENSES.create(spec.name, spec.params)
+        defenses.append((_normalised(spec, defense.params), defense))
+    labels = [spec.display() for spec, _ in defenses]
     if len(set(labels)) != len(labels):
         raise BenchError(f"two defense entries have the same label {labels}; give them distinct 'label's")
+
+    for _, dataset in datasets:
+        meta = dataset.metadata(root)
+        check_data(config, meta)
+        for _, cls, params in models:
+            with torch.random.fork_rng(devices=[]):  # building it must not move the global RNG
+                model = cls(num_classes=meta.num_classes, in_channels=meta.channels, params=params)
+            model.check(meta)
+        for _, attack in attacks:
+            attack.check(meta)
+        holdout = _holdout_count(config, meta)
+        for _, defense in defenses:
+            defense.check(meta)
+            if holdout is not None and meta.train_size is not None:
+                defense.benign_count(meta.train_size, holdout)
+
+    clean = ATTACKS.create("clean")
     cells: list[Cell] = []
-    for di, dataset in enumerate(config.datasets):
-        for mi, model in enumerate(config.models):
-            for ai, (attack, attack_params) in enumerate(attacks):
+    for di, (dataset_spec, dataset) in enumerate(datasets):
+        test_subset = dataset.params.test_subset
+        evaluation = {"eval_test_subset": test_subset} if test_subset else {}
+        for mi, (model_spec, model_cls, model_params) in enumerate(models):
+            model_id = model_cls.identity_of(model_params)
+            for ai, (attack_spec, attack) in enumerate(attacks):
                 for si, seed in enumerate(config.seeds):
-                    key = model_key(config, dataset, model, attack.name, attack_params, seed)
-                    test_subset = dataset.params.get("test_subset")
-                    evaluation = {"eval_test_subset": test_subset} if test_subset else {}
+                    data_key = stable_hash({"v": ARTIFACT_VERSION, "dataset": dataset.training_identity(),
+                                            "holdout": config.holdout, "seed": seed})  # fmt: skip
+                    key = model_key(config, data_key, model_id, attack.identity())
+                    clean_key = model_key(config, data_key, model_id, clean.identity())
                     for fi, (spec, defense) in enumerate(defenses):
-                        params = defense.describe()
-                        fit_params = dict(params)
-                        if defense.intensity_param and not defense.intensity_affects_fit:
-                            fit_params.pop(defense.intensity_param, None)
-                        defense_key = (
-                            stable_hash({"model": key, "defense": spec.name, **fit_params})
-                            if defense.trainable
-                            else None
-                        )
+                        knob = defense.intensity_param
+                        fit_exclude = (knob,) if knob and not defense.intensity_affects_fit else ()
+                        defense_key = (stable_hash({"model": key, "defense": defense.identity(exclude=fit_exclude)})
+                                       if defense.trainable else None)  # fmt: skip
                         cells.append(Cell(
-                            cell_id=stable_hash({"model": key, "defense": spec.name, **params, **evaluation}),
-                            dataset=dataset, model=model, attack=attack, defense=spec, seed=seed,
+                            cell_id=stable_hash({"model": key, "defense": defense.identity(), **evaluation}),
+                            dataset=dataset_spec, model=model_spec, attack=attack_spec, defense=spec, seed=seed,
                             model_key=key, defense_key=defense_key,
-                            attack_params=attack_params, defense_params=params,
+                            attack_params=attack.describe(), defense_params=defense.describe(),
                             intensity=defense.intensity, order=(di, mi, ai, fi, si),
+                            data_key=data_key, clean_model_key=clean_key,
                         ))  # fmt: skip
     return cells
+
+
+def model_key(config: GridConfig, data_key: str, model: dict[str, Any], attack: dict[str, Any]) -> str:
+    """The content hash of the model trained on the split ``data_key`` under ``config``.
+
+    ``model`` and ``attack`` are plugin identities; the ``clean`` reference attack's key is the
+    clean model that clean-label attacks craft their poison with, so it is trained once and
+    shared with the grid's ``clean`` row.
+    """
+    return stable_hash({
+        "v": ARTIFACT_VERSION,
+        "data": data_key,
+        "poison": config.poison.model_dump(mode="json"),
+        "train": config.resolved()["train"],
+        "model": model,
+        "attack": attack,
+    })  # fmt: skip

@@ -10,7 +10,7 @@ has one job per *distinct* artifact:
 
 Clean-label attacks (``Attack.clean_label``) craft their poison with a clean model
 (``FitContext.train_clean_model``): that model is the grid's ``clean`` row model
-(:func:`bench.orchestration.grid.clean_model_key`), so their model job waits for a ``model-<clean key>`` job
+(``Cell.clean_model_key``), so their model job waits for a ``model-<clean key>`` job
 that trains it, once for every attack setting and for the ``clean`` row itself.
 
 A job whose output already exists (a record in the run directory, an artifact in the cache) is
@@ -28,11 +28,8 @@ from typing import Any
 from bench.core.errors import BenchError
 from bench.core.records import RecordStore
 from bench.core.registry import ATTACKS
-from bench.orchestration.config import GridConfig
-from bench.orchestration.grid import Cell, clean_model_key
+from bench.orchestration.grid import Cell
 from bench.orchestration.store import ArtifactStore
-
-JOB_KINDS = ("clean", "model", "defense", "cell")
 
 
 @dataclass(frozen=True)
@@ -128,7 +125,7 @@ def check_distinct_cells(cells: list[Cell]) -> None:
                              "(equal once defaults are filled in); list each once")  # fmt: skip
 
 
-def build_plan(cells: list[Cell], records: RecordStore, artifacts: ArtifactStore, config: GridConfig) -> Plan:
+def build_plan(cells: list[Cell], records: RecordStore, artifacts: ArtifactStore) -> Plan:
     """Plan the jobs that remain: skip finished cells and artifacts already in the cache."""
     check_distinct_cells(cells)
     plan = Plan(cells)
@@ -140,7 +137,7 @@ def build_plan(cells: list[Cell], records: RecordStore, artifacts: ArtifactStore
         if _planned(plan, artifacts, "models", cell.model_key):
             model_deps: tuple[str, ...] = ()
             if getattr(ATTACKS.get(cell.attack.name), "clean_label", False):
-                clean_key = clean_model_key(config, cell.dataset, cell.model, cell.seed)
+                clean_key = cell.clean_model_key
                 if _planned(plan, artifacts, "models", clean_key):
                     plan.jobs.setdefault(f"model-{clean_key}", Job(f"model-{clean_key}", "clean", cell))
                     model_deps = (f"model-{clean_key}",)

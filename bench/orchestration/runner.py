@@ -2,7 +2,10 @@
 
 :class:`CellRunner` owns the expensive, shareable objects of a worker process (loaded datasets,
 the most recently used backdoored model) and the artifact cache, so consecutive cells that share
-a model train it at most once and load it at most once.
+a model train it at most once and load it at most once. Defenses reach the cache for their
+shared sub-results through a :class:`StoreContext`. Every artifact a job touches is logged as
+built or loaded (:meth:`CellRunner.take_events`): the job's entry under ``jobs/`` and the cell's
+record carry the list.
 
 Evaluating a cell of the grid's first seed also captures the penultimate features of its t-SNE
 sample (:mod:`bench.core.tsne_sample`) from the evaluation's own forward passes; they travel back
@@ -13,8 +16,8 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +26,7 @@ from torch import Tensor, nn
 import bench
 from attacks.base import Attack, FitContext
 from bench.core.data import DataPaths, DataSplit, ImageSet, load_dataset, stratified_split
-from bench.core.errors import BenchError
+from bench.core.files import stable_hash
 from bench.core.metrics import backdoor_metrics, evaluate_with_features, float_batches
 from bench.core.models import build_model
 from bench.core.registry import ATTACKS, DEFENSES
@@ -31,9 +34,11 @@ from bench.core.seeding import derive_seed, generator, seed_everything
 from bench.core.tsne_sample import CellFeatures, sample_indices
 from bench.nn.train import train_classifier
 from bench.orchestration.config import GridConfig, PluginSpec
-from bench.orchestration.grid import Cell, clean_model_key, instantiate
+from bench.orchestration.grid import ARTIFACT_VERSION, Cell
 from bench.orchestration.store import ArtifactStore
-from defenses.base import Defense
+from defenses.base import Defense, DefenseContext, MissingArtifactError, Scope, SharedArtifact
+
+SHARED_PREFIX = "shared-"  # shared defense artifacts live in <cache>/shared-<kind>/
 
 
 @dataclass
@@ -60,6 +65,62 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}  # fmt: skip
 
 
+class StoreContext(DefenseContext):
+    """The runner's :class:`DefenseContext`: shared sub-results in the artifact cache.
+
+    The key of an artifact is its kind and key parts plus, by scope, the defender's benign data
+    (the cell's split and the defense's ``benign_fraction``) and the backdoored model; creating
+    one holds the artifact's lock from the miss to the save, so across workers and reruns each is
+    built once. Every build and load is appended to ``events``.
+    """
+
+    def __init__(self, store: ArtifactStore, scopes: Mapping[str, Mapping[str, Any]], events: list[dict]) -> None:
+        super().__init__()
+        self.store = store
+        self.scopes = scopes
+        self.events = events
+
+    def key(self, kind: str, key_parts: Mapping[str, Any], scope: Scope = "data") -> str:
+        super().key(kind, key_parts, scope)  # validates kind and scope
+        return stable_hash({"v": ARTIFACT_VERSION, "kind": kind, "scope": dict(self.scopes[scope]),
+                            "parts": dict(key_parts)})  # fmt: skip
+
+    def cached(
+        self, kind: str, key_parts: Mapping[str, Any], build: Callable[[], Any], *, scope: Scope = "data"
+    ) -> SharedArtifact:
+        key = self.key(kind, key_parts, scope)
+        value, _ = load_or_build(self.store, SHARED_PREFIX + kind, key, build, self.events)
+        return SharedArtifact(kind, key, value)
+
+    def load(self, kind: str, key: str) -> Any:
+        self.check_kind(kind)
+        value = self.store.load(SHARED_PREFIX + kind, key)
+        if value is None:
+            raise MissingArtifactError(f"no {kind} artifact {key} in {self.store.root}")
+        self.events.append({"kind": SHARED_PREFIX + kind, "key": key, "action": "loaded"})
+        return value
+
+
+def load_or_build(
+    store: ArtifactStore, kind: str, key: str, build: Callable[[], Any], events: list[dict]
+) -> tuple[Any, bool]:
+    """(the artifact, whether it was loaded): under its lock, load it or build and save it.
+
+    A second worker that reaches a missing artifact waits on the lock, then loads what the first
+    one built; the build/load is appended to ``events``.
+    """
+    with store.lock(kind, key):
+        value = store.load(kind, key)
+        if value is not None:
+            events.append({"kind": kind, "key": key, "action": "loaded"})
+            return value, True
+        start = time.perf_counter()
+        value = build()
+        store.save(kind, key, value)
+    events.append({"kind": kind, "key": key, "action": "built", "seconds": round(time.perf_counter() - start, 3)})
+    return value, False
+
+
 class CellRunner:
     """Runs cells one at a time in this process, reusing data and models between them."""
 
@@ -70,6 +131,12 @@ class CellRunner:
         self.device = device
         self._datasets: dict[str, DataSplit] = {}
         self._model_memo: tuple[str, nn.Module] | None = None
+        self._events: list[dict] = []
+
+    def take_events(self) -> list[dict]:
+        """The artifacts built or loaded since the last call (for the job log and the record)."""
+        events, self._events = self._events, []
+        return events
 
     # ----------------------------------------------------------------- data
     def dataset(self, spec: PluginSpec) -> DataSplit:
@@ -85,7 +152,7 @@ class CellRunner:
         return CellData(split.train.subset(attacker_idx), split.train.subset(benign_idx), split.test)
 
     def fitted_attack(self, cell: Cell, data: CellData) -> Attack:
-        attack: Attack = instantiate(ATTACKS, cell.attack)
+        attack: Attack = ATTACKS.create(cell.attack.name, cell.attack.params)
         ctx = FitContext(self.device, train_clean_model=lambda: self.clean_model(cell, data))
         attack.fit(data.attacker_train, generator(cell.seed, "attack-fit"), ctx)
         return attack
@@ -98,16 +165,22 @@ class CellRunner:
 
     def _cached_or_trained(self, key: str, cell: Cell, data: CellData, train_fn) -> tuple[nn.Module, bool]:
         if self._model_memo and self._model_memo[0] == key:
+            self._events.append({"kind": "models", "key": key, "action": "in memory"})
             return self._model_memo[1], True
         model = self._new_model(cell, data)
-        with self.artifacts.lock("models", key):  # a second worker waits, then loads what the first trained
-            state = self.artifacts.load("models", key)
-            cached = state is not None
-            if cached:
-                model.load_state_dict(state)
-            else:
-                model = train_fn(model)
-                self.artifacts.save("models", key, {k: v.cpu() for k, v in model.state_dict().items()})
+
+        trained: list[nn.Module] = []
+
+        def train() -> dict[str, torch.Tensor]:
+            trained.append(train_fn(model))
+            return {k: v.cpu() for k, v in trained[0].state_dict().items()}
+
+        # A second worker waits on the lock, then loads what the first trained.
+        state, cached = load_or_build(self.artifacts, "models", key, train, self._events)
+        if cached:
+            model.load_state_dict(state)
+        else:
+            model = trained[0]
         model.to(self.device).eval()
         self._model_memo = (key, model)
         return model, cached
@@ -127,7 +200,7 @@ class CellRunner:
     def clean_model(self, cell: Cell, data: CellData) -> nn.Module:
         """A model trained with the same recipe on the unpoisoned attacker split: the ``clean``
         reference row's model, cached under its key and so trained once for the whole grid."""
-        key = clean_model_key(self.config, cell.dataset, cell.model, cell.seed)
+        key = cell.clean_model_key
 
         def train(model: nn.Module) -> nn.Module:
             return train_classifier(model, data.attacker_train.x, data.attacker_train.y, self.config.train,
@@ -141,31 +214,40 @@ class CellRunner:
     # ----------------------------------------------------------------- defenses
     def benign_subset(self, cell: Cell, data: CellData, defense: Defense) -> ImageSet:
         """The defender's clean data: ``benign_fraction`` of the training set, from the holdout."""
-        if defense.benign_fraction is None:
-            return data.defender_benign
         total = len(data.attacker_train) + len(data.defender_benign)
-        count = round(defense.benign_fraction * total)
-        if not 0 < count <= len(data.defender_benign):
-            raise BenchError(
-                f"defense {cell.defense.name!r}: benign_fraction {defense.benign_fraction} needs {count} clean "
-                f"samples but the holdout has {len(data.defender_benign)}; raise 'holdout' in the config"
-            )
+        count = defense.benign_count(total, len(data.defender_benign))
+        if count is None:
+            return data.defender_benign
         index, _ = stratified_split(data.defender_benign.y, count, derive_seed(cell.seed, "benign-subset"))
         return data.defender_benign.subset(index)
 
+    def defense_context(self, cell: Cell, defense: Defense) -> StoreContext:
+        """The context through which this cell's defense reaches shared artifacts (see its scopes)."""
+        data = {"split": cell.data_key, "benign_fraction": defense.benign_fraction}
+        scopes = {"global": {}, "data": data, "model": {**data, "model": cell.model_key}}
+        return StoreContext(self.artifacts, scopes, self._events)
+
     def defense(self, cell: Cell, data: CellData, model: nn.Module) -> tuple[Defense, bool]:
-        defense: Defense = instantiate(DEFENSES, cell.defense)
-        defense.bind(model, self.device, derive_seed(cell.seed, "defense"))
+        defense: Defense = DEFENSES.create(cell.defense.name, cell.defense.params)
+        defense.bind(model, self.device, derive_seed(cell.seed, "defense"), self.defense_context(cell, defense))
         if not defense.trainable:
             return defense, True
         assert cell.defense_key is not None
+
         with self.artifacts.lock("defenses", cell.defense_key):
             state = self.artifacts.load("defenses", cell.defense_key)
             if state is not None:
-                defense.load_state(state)
-                return defense, True
+                try:
+                    defense.load_state(state)
+                    self._events.append({"kind": "defenses", "key": cell.defense_key, "action": "loaded"})
+                    return defense, True
+                except MissingArtifactError:
+                    pass  # a shared artifact the state refers to is gone: fit again (that rebuilds it)
+            start = time.perf_counter()
             defense.fit(self.benign_subset(cell, data, defense), generator(cell.seed, "defense-fit"))
             self.artifacts.save("defenses", cell.defense_key, defense.state())
+        self._events.append({"kind": "defenses", "key": cell.defense_key, "action": "built",
+                             "seconds": round(time.perf_counter() - start, 3)})  # fmt: skip
         return defense, False
 
     # ----------------------------------------------------------------- one cell
@@ -246,6 +328,7 @@ class CellRunner:
             "defense_key": cell.defense_key,
             "model_cached": model_cached,
             "defense_cached": defense_cached,
+            "artifacts": self.take_events(),
             "seconds": {"data": t1 - t0, "model": t2 - t1, "defense": t3 - t2, "eval": t4 - t3, "total": t4 - t0},
             "device": str(self.device),
             # How the job computed, beside the library versions: what else decides the bits.
@@ -257,6 +340,3 @@ class CellRunner:
         }
         return CellResult(record, features)
 
-
-def default_cache_dir(run_root: Path = Path("results")) -> Path:
-    return run_root / "cache"

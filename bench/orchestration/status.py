@@ -4,8 +4,9 @@ The driver writes, all atomically:
 
 - ``run.json``: who drives the run (host, pid), the backend, and whether it is running;
 - ``plan.json``: every cell of the grid with the jobs that stand between it and its record;
-- ``jobs/<job_id>.json``: one file per started job: running, done (seconds, worker) or failed
-  (the error's first line and the path of its log);
+- ``jobs/<job_id>.json``: one file per started job: running, done (seconds, worker, and the
+  artifacts it built or loaded -- models, defense states, shared sub-results such as BDMAE's
+  autoencoder) or failed (the error's first line and the path of its log);
 - ``logs/<job_id>.log``: the full traceback of a failed job.
 
 Records (``records/<cell_id>.json``) stay the single source of truth for finished cells; the
@@ -71,7 +72,8 @@ class JobBook:
         self._write(job, "running", worker=worker, started_at=_now())
 
     def done(self, job: Job, result: JobResult) -> None:
-        self._write(job, "done", worker=result.worker, seconds=round(result.seconds, 3), finished_at=_now())
+        self._write(job, "done", worker=result.worker, seconds=round(result.seconds, 3), finished_at=_now(),
+                    artifacts=result.artifacts)  # fmt: skip
 
     def failed(self, job: Job, result: JobResult) -> None:
         log = Path(LOGS_DIR) / f"{job.job_id}.log"

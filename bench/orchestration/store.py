@@ -1,6 +1,7 @@
-"""The artifact cache: checksummed, content-addressed torch payloads (models, defense states).
+"""The artifact cache: checksummed, content-addressed torch payloads.
 
-Artifacts (trained models, fitted defense states) carry a SHA-256 of their payload; one that
+Artifacts (trained models, fitted defense states, and the sub-results defenses share, such as
+BDMAE's autoencoder: ``shared-<kind>/``) carry a SHA-256 of their payload; one that
 fails to load or to verify is treated as missing and recomputed, while one this user may not
 read is an error (it belongs to someone else; deleting it would be wrong). Files are written
 atomically under the artifact's lock (:mod:`bench.core.files`, :mod:`bench.core.locks`), and
@@ -15,16 +16,27 @@ from typing import Any
 from filelock import FileLock
 
 from bench.core.data import DATA_CACHE_DIR
+from bench.core.errors import BenchError
 from bench.core.files import discard_damaged, load_checksummed, save_checksummed
 from bench.core.locks import artifact_lock, remove_temps_of, sweep_cache_temps
 
 # The cache's folders: what ArtifactStore users store, and the decoded datasets.
 ARTIFACT_KINDS = ("models", "defenses")
+SHARED_PREFIX = "shared-"  # shared defense sub-results live in <cache>/shared-<kind>/
 
 
 def sweep_cache(cache_root: Path) -> list[Path]:
     """Remove the temporaries of killed writers from the cache (never those of a live writer)."""
-    return sweep_cache_temps(cache_root, (DATA_CACHE_DIR, *ARTIFACT_KINDS))
+    root = Path(cache_root)
+    shared = tuple(p.name for p in root.glob(SHARED_PREFIX + "*") if p.is_dir()) if root.is_dir() else ()
+    return sweep_cache_temps(root, (DATA_CACHE_DIR, *ARTIFACT_KINDS, *shared))
+
+
+def check_cache_dir(path: Path) -> None:
+    """A cache directory must be a directory or not exist yet (it is created on first use)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BenchError(f"cache directory {path} exists and is not a directory; pass another --cache-dir")
 
 
 class ArtifactStore:

@@ -23,8 +23,6 @@ from bench.core.device import to_float
 from bench.core.files import atomic_write_bytes
 from bench.core.registry import ATTACKS
 from bench.core.seeding import generator
-from bench.orchestration.config import PluginSpec
-from bench.orchestration.grid import instantiate
 
 
 @dataclass
@@ -35,17 +33,16 @@ class TriggerExample:
 
 
 def trigger_examples(
-    specs: list[PluginSpec], data: DataSplit, seed: int = 0, index: int = 0, target: int = 0
+    attacks: list[tuple[str, Attack]], data: DataSplit, seed: int = 0, index: int = 0, target: int = 0
 ) -> list[TriggerExample]:
-    """The ``index``-th non-target test image, clean and through each attack's trigger."""
+    """The ``index``-th non-target test image, clean and through each (label, attack)'s trigger."""
     candidates = torch.nonzero(data.test.y != target).flatten()
     image = data.test.x[candidates[index % candidates.numel()]][None]
     examples = []
-    for spec in specs:
-        attack: Attack = instantiate(ATTACKS, spec)
+    for label, attack in attacks:
         attack.fit(data.train, generator(seed, "attack-fit"), FitContext(torch.device("cpu")))
         poisoned = attack.apply(image)
-        examples.append(TriggerExample(spec.display(), to_float(image)[0], to_float(poisoned)[0]))
+        examples.append(TriggerExample(label, to_float(image)[0], to_float(poisoned)[0]))
     return examples
 
 
@@ -83,6 +80,6 @@ def write_trigger_grid(examples: list[TriggerExample], path: Path, title: str = 
     return path
 
 
-def default_specs() -> list[PluginSpec]:
-    """Every registered attack with its default parameters."""
-    return [PluginSpec(name=name) for name in ATTACKS.names()]
+def default_attacks() -> list[tuple[str, Attack]]:
+    """Every registered attack with its default parameters, labelled by name."""
+    return [(name, ATTACKS.create(name)) for name in ATTACKS.names()]
