@@ -1,8 +1,9 @@
 """One configurable U-Net, shared by the defenses that learn an image-to-image map.
 
 REFINE's input transformation and BTI-DBF's trigger generator / purifier are both U-Nets that
-differ only in width, normalisation, activation and output activation, so they share this
-module instead of each carrying its own copy.
+differ only in width, normalisation and activation, so they share this module instead of each
+carrying its own copy. Both use the raw output of the last 1x1 convolution (their callers clamp
+it to the pixel range).
 
 Shape: ``depth`` down levels and ``depth`` up levels. With base width ``c`` and the default
 ``depth=4`` the encoder widths are ``c, 2c, 4c, 8c`` and the bottleneck is ``8c`` (the widths
@@ -25,11 +26,9 @@ from torch import Tensor, nn
 
 Norm = Literal["batch", "instance", "none"]
 Activation = Literal["relu", "leaky_relu"]
-OutActivation = Literal["sigmoid", "tanh"] | None
 
 _NORMS = ("batch", "instance", "none")
 _ACTIVATIONS = ("relu", "leaky_relu")
-_OUT_ACTIVATIONS = (None, "sigmoid", "tanh")
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -64,7 +63,6 @@ class UNet(nn.Module):
         depth: number of down (and up) levels; widths are ``c * 2**i`` capped at ``c * 2**(depth-1)``.
         norm: ``batch``, ``instance`` (affine) or ``none``.
         activation: ``relu`` or ``leaky_relu`` (with ``negative_slope``).
-        out_activation: ``None`` (raw output), ``sigmoid`` or ``tanh``.
     """
 
     def __init__(
@@ -75,7 +73,6 @@ class UNet(nn.Module):
         depth: int = 4,
         norm: Norm = "batch",
         activation: Activation = "relu",
-        out_activation: OutActivation = None,
         negative_slope: float = 0.2,
     ) -> None:
         super().__init__()
@@ -83,12 +80,9 @@ class UNet(nn.Module):
             raise ValueError(f"unet norm must be one of {_NORMS}, got {norm!r}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"unet activation must be one of {_ACTIVATIONS}, got {activation!r}")
-        if out_activation not in _OUT_ACTIVATIONS:
-            raise ValueError(f"unet out_activation must be one of {_OUT_ACTIVATIONS}, got {out_activation!r}")
         if base < 1 or depth < 1:
             raise ValueError(f"unet base and depth must be >= 1, got base={base}, depth={depth}")
         self.depth = depth
-        self.out_activation = out_activation
 
         def block(cin: int, cout: int) -> ConvBlock:
             return ConvBlock(cin, cout, norm, activation, negative_slope)
@@ -125,9 +119,4 @@ class UNet(nn.Module):
         for up, skip in zip(self.up, reversed(skips), strict=True):
             z = F.interpolate(z, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             z = up(torch.cat([skip, z], dim=1))
-        out = self.out(z)[..., :h, :w]
-        if self.out_activation == "sigmoid":
-            return torch.sigmoid(out)
-        if self.out_activation == "tanh":
-            return torch.tanh(out)
-        return out
+        return self.out(z)[..., :h, :w]

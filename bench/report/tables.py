@@ -105,23 +105,8 @@ def paper_tables(df: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
 
 
 def best_defense(table: pd.DataFrame, attack: str) -> str | None:
-    """The row's best defense: from :func:`paper_tables`' numeric ranking when the table has it,
-    else (a table built by hand) the lowest printed mean ASR, ties broken by higher BA ("none" excluded)."""
-    if "best" in table.attrs:
-        return table.attrs["best"].get(attack)
-    best, best_key = None, None
-    for defense in dict.fromkeys(table.columns.get_level_values(0)):
-        if defense == "none":
-            continue
-        try:
-            asr = float(str(table.loc[attack, (defense, "ASR")]).split(" ")[0])
-            ba = float(str(table.loc[attack, (defense, "BA")]).split(" ")[0])
-        except ValueError:
-            continue
-        key = (asr, -ba)
-        if best_key is None or key < best_key:
-            best, best_key = defense, key
-    return best
+    """The row's best defense, from :func:`paper_tables`' numeric ranking (``table.attrs["best"]``)."""
+    return table.attrs["best"].get(attack)
 
 
 def best_cells(table: pd.DataFrame) -> Iterator[tuple[str, list[tuple[str, str]]]]:
