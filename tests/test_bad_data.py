@@ -134,7 +134,7 @@ def test_mixed_image_sizes_get_advice_that_works(tmp_path, tree, capsys):
                      capsys=capsys)  # fmt: skip
     assert "have different sizes" in err and "use the 'imagefolder' dataset" in err
     assert "set the dataset's 'resize'" not in err
-    with pytest.raises(BenchError, match="bad parameters"):  # indeed no such parameter
+    with pytest.raises(BenchError, match="cifar10: unknown parameter 'resize'"):  # indeed no such parameter
         load_dataset("cifar10", DataPaths(cifar, tmp_path / "cache"), resize=32)
 
 

@@ -81,9 +81,11 @@ def test_the_examples_run_in_a_grid(examples, tmp_path) -> None:
         "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "milestones": [], "flip": False},
     })  # fmt: skip
     with one_thread():
-        cells, computed, table = run_grid(config, tmp_path / "run", DataPaths(tmp_path / "d", tmp_path / "c"), "cpu")
+        # in this process: the examples are registered here only
+        cells, computed, table = run_grid(config, tmp_path / "run", DataPaths(tmp_path / "d", tmp_path / "c"), "cpu",
+                                          workers=1)  # fmt: skip
     assert computed == 3 and [c.defense_label for c in cells] == ["none", "blur(k=1)", "blur(k=3)"]
     assert "brighten(strength=0.3)" in table and "blur(k=3)" in table
     too_wide = GridConfig.model_validate({**config.model_dump(), "defenses": [{"name": "blur", "k": 29}]})
     with pytest.raises(BenchError, match=r"^blur: k 29 is larger than the 28x28 images$"):
-        run_grid(too_wide, tmp_path / "run2", DataPaths(tmp_path / "d", tmp_path / "c"), "cpu")
+        run_grid(too_wide, tmp_path / "run2", DataPaths(tmp_path / "d", tmp_path / "c"), "cpu", workers=1)

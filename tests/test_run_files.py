@@ -64,7 +64,7 @@ def test_run_names_are_plain_slugs(tmp_path, capsys, monkeypatch, name):
     config = write_grid(tmp_path / "grid.yaml", {**SMALL, "name": name})
     assert main(["run", str(config), "--cache-dir", str(tmp_path / "cache"), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {config}: name: must be a plain name") and err.count("\n") == 1
+    assert err.startswith(f"error: {config}: name must be a plain name") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
 
 

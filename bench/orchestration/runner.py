@@ -35,10 +35,8 @@ from bench.core.tsne_sample import CellFeatures, sample_indices
 from bench.nn.train import train_classifier
 from bench.orchestration.config import GridConfig, PluginSpec
 from bench.orchestration.grid import ARTIFACT_VERSION, Cell
-from bench.orchestration.store import ArtifactStore
+from bench.orchestration.store import SHARED_PREFIX, ArtifactStore
 from defenses.base import Defense, DefenseContext, MissingArtifactError, Scope, SharedArtifact
-
-SHARED_PREFIX = "shared-"  # shared defense artifacts live in <cache>/shared-<kind>/
 
 
 @dataclass
@@ -94,7 +92,8 @@ class StoreContext(DefenseContext):
 
     def load(self, kind: str, key: str) -> Any:
         self.check_kind(kind)
-        value = self.store.load(SHARED_PREFIX + kind, key)
+        with self.store.lock(SHARED_PREFIX + kind, key):
+            value = self.store.load(SHARED_PREFIX + kind, key)
         if value is None:
             raise MissingArtifactError(f"no {kind} artifact {key} in {self.store.root}")
         self.events.append({"kind": SHARED_PREFIX + kind, "key": key, "action": "loaded"})
