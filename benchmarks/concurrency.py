@@ -78,7 +78,7 @@ class JobSpec:
 def build_job(spec: JobSpec, train: ImageSet, device: torch.device) -> tuple[Any, int]:
     """(``run(k)`` doing ``k`` steps of the job, images per step)."""
     if spec.job == "refine":
-        batch = spec.batch_size or DEFENSES.get("refine")().batch_size
+        batch = spec.batch_size or DEFENSES.get("refine")().params.batch_size
         model = seeded_model(spec.model, train).to(device).eval()
         return refine_fit_runner(spec.width, batch, model, train, device), batch
     recipe = recipe_settings(spec.recipe)[0]

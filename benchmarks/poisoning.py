@@ -123,7 +123,7 @@ def patch_trigger(attack: Attack, poisoned: PoisonedSet, shape: tuple[int, int, 
 def blended_trigger(attack: Attack, poisoned: PoisonedSet, shape: tuple[int, int, int]) -> PerSample:
     h, w, c = shape
     pattern = attack.blend_image(c, h, w).permute(1, 2, 0).numpy()
-    keep, mix = np.float32(1 - attack.alpha), np.float32(attack.alpha)
+    keep, mix = np.float32(1 - attack.params.alpha), np.float32(attack.params.alpha)
 
     def apply(index: int, image: np.ndarray) -> Tensor:
         return TO_TENSOR(as_uint8(keep * as_float(image) + mix * pattern))
@@ -135,7 +135,7 @@ def adaptive_patch_trigger(attack: Attack, poisoned: PoisonedSet, shape: tuple[i
     h, w, c = shape
     marks, masks = attack.patches(c, h, w)
     boxes = []
-    for j, alpha in enumerate(attack.alphas):
+    for j, alpha in enumerate(attack.params.alphas):
         rows = torch.nonzero(masks[j, 0].any(1)).flatten()
         cols = torch.nonzero(masks[j, 0].any(0)).flatten()
         r, cc = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
@@ -170,7 +170,7 @@ def wanet_trigger(attack: Attack, poisoned: PoisonedSet, shape: tuple[int, int, 
 def batt_trigger(attack: Attack, poisoned: PoisonedSet, shape: tuple[int, int, int]) -> PerSample:
     h, w, c = shape
     one = torch.ones(1)
-    theta = affine_theta(one * attack.angle, torch.zeros(1, 2), one, h, w)
+    theta = affine_theta(one * attack.params.angle, torch.zeros(1, 2), one, h, w)
     grid = F.affine_grid(theta, [1, c, h, w], align_corners=False)
 
     def apply(index: int, image: np.ndarray) -> Tensor:

@@ -266,7 +266,7 @@ def test_bdmae_features_come_from_the_final_call_on_the_purified_images(fitted_b
     x = to_float(mnist.test.x[:6])
     twins = [BDMAE(init_rounds=2, refine_rounds=4, mae=TINY_MAE) for _ in range(3)]
     for twin in twins:
-        twin.bind(model, torch.device("cpu"), seed=7)
+        twin.bind(model, torch.device("cpu"), seed=7, ctx=fitted_bdmae.ctx)  # where the MAE is
         twin.load_state(fitted_bdmae.state())
     with torch.no_grad():
         logits, features = twins[0].predict_with_features(x)

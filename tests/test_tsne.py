@@ -173,17 +173,19 @@ def test_every_cell_saves_the_same_sample_of_features(tsne_run: dict) -> None:
     store = RecordStore(tsne_run["run"])
     saved = {cell_id: store.read_features(cell_id) for cell_id in records(tsne_run["run"])}
     assert len(saved) == 8 and all(f is not None for f in saved.values())
-    by_attack: dict[str, list[CellFeatures]] = {}
+    by_attack: dict[str, dict[str, CellFeatures]] = {}
     for cell_id, features in saved.items():
         assert features.benign.shape == (N_BENIGN, 32) and features.poisoned.shape == (N_POISONED, 32)
         assert features.benign.dtype == np.float16 and np.isfinite(features.benign).all()
         assert np.bincount(features.benign_labels).tolist() == [PER_CLASS] * 10
         assert 0 not in features.poisoned_labels  # no target-class image in the poisoned sample
         assert features.reference_benign is None  # the grid has a none defense
-        by_attack.setdefault(records(tsne_run["run"])[cell_id]["attack_label"], []).append(features)
+        record = records(tsne_run["run"])[cell_id]
+        by_attack.setdefault(record["attack_label"], {})[record["defense_label"]] = features
     for group in by_attack.values():
-        assert all(f.same_sample(group[0]) for f in group)
-        assert not np.array_equal(group[0].benign, group[-1].benign)  # the defenses moved the features
+        assert all(f.same_sample(group["none"]) for f in group.values())
+        # the defense moved the features (ShrinkPad's pad 0 is the identity: not that one)
+        assert not np.array_equal(group["none"].benign, group["shrinkpad(pad=6)"].benign)
 
 
 def test_capture_leaves_ba_and_asr_unchanged(tsne_run: dict) -> None:
