@@ -135,3 +135,13 @@ def test_list_and_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--help"])
     assert exc.value.code == 0 and "--set" in capsys.readouterr().out
+
+
+def test_a_reader_that_leaves_early_is_not_an_error():
+    """`run_bench.py list --verbose | head -1`: the closed pipe ends the command quietly, exit 0."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_bench.py"), "list", "--verbose"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)  # fmt: skip
+    proc.stdout.close()  # before the child has written anything (it is still importing torch)
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr

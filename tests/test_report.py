@@ -211,3 +211,16 @@ def test_cells_csv_rounds_to_four_decimals(tmp_path: Path) -> None:
     write_tables(tmp_path)
     text = (tmp_path / "cells.csv").read_text()
     assert "96.9," in text and "12.3457," in text and "96.8999" not in text
+
+
+def test_report_title_reads_only_the_name_line_of_the_config_snapshot() -> None:
+    from bench.report.page import _config_name
+
+    assert _config_name("seeds: [0]\nname: 'my grid'\n") == "my grid"
+    assert _config_name("seeds: [0]\n") is None
+    # a snapshot with an alias bomb elsewhere is never expanded: only the name line is parsed
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+    )
+    assert _config_name(bomb + "name: bomb\n") == "bomb"
+    assert _config_name("name: [unclosed\n") is None

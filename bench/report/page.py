@@ -63,10 +63,13 @@ def _run_summary(df: pd.DataFrame) -> str:
 
 
 def _config_name(config_text: str) -> str | None:
+    """The ``name:`` of the run's config snapshot; only that one line is parsed, so a tampered snapshot
+    (say, nested YAML aliases) cannot make drawing a report slow."""
     import yaml
 
+    line = next((ln for ln in config_text.splitlines() if ln.startswith("name:")), None)
     try:
-        raw = yaml.safe_load(config_text)
+        raw = yaml.safe_load(line) if line else None
     except yaml.YAMLError:
         return None
     return str(raw["name"]) if isinstance(raw, dict) and raw.get("name") else None
