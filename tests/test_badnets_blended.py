@@ -7,7 +7,7 @@ import torch
 
 from attacks.badnets import BadNets
 from attacks.blended import Blended
-from bench.core.data import ImageSet
+from bench.core.data import ImageSet, stratified_split
 from bench.core.errors import BenchError
 
 
@@ -38,6 +38,37 @@ def test_badnets_random_pattern_is_fixed_grayscale_and_seeded(mnist):
     assert torch.equal(patch[0], patch[1]) and torch.equal(patch[1], patch[2])  # gray: same in all channels
     assert len(torch.unique(patch)) > 1
     assert torch.equal(a[0], a[1])  # the same pattern on every image
+
+
+GRAY = [[247, 241, 130], [106, 201, 92], [153, 163, 20]]  # the REFINE code's CIFAR-10 pattern
+
+
+def test_badnets_explicit_gray_pattern_lands_pixel_exact(cifar10):
+    """Poisoned training images carry exactly the given uint8 values, on every channel, bottom-right."""
+    train = cifar10.train.subset(stratified_split(cifar10.train.y, 300, 0)[0])
+    attack = BadNets(pattern=GRAY)
+    result = attack.poison_train(train, 0.1, 0, torch.Generator().manual_seed(0))
+    index = result.poisoned_index
+    assert index.numel() == 30
+    patch = result.train.x[index][:, :, 29:, 29:]
+    assert torch.equal(patch, torch.tensor(GRAY, dtype=torch.uint8).expand(30, 3, 3, 3))
+    outside = torch.ones(32, 32, dtype=torch.bool)
+    outside[29:, 29:] = False
+    assert torch.equal(result.train.x[index][:, :, outside], train.x[index][:, :, outside])
+    # The test-time trigger is the same stamp, on float images too.
+    assert torch.equal(attack.apply(cifar10.test.x[:4])[:, :, 29:, 29:],
+                       torch.tensor(GRAY, dtype=torch.uint8).expand(4, 3, 3, 3))  # fmt: skip
+    float_patch = attack.apply(cifar10.test.x[:4].float() / 255)[:, :, 29:, 29:]
+    assert torch.equal((float_patch * 255).round().to(torch.uint8), patch[:4])
+
+
+def test_badnets_per_channel_pattern_and_its_checks(cifar10):
+    squares = [[[255, 0], [0, 255]], [[0, 255], [255, 0]], [[10, 20], [30, 40]]]
+    out = BadNets(pattern=squares, position="top_left").apply(cifar10.test.x[:2])
+    assert torch.equal(out[0, :, :2, :2], torch.tensor(squares, dtype=torch.uint8))
+    assert BadNets(pattern=squares).patch_size(32) == 2  # the side comes from the pattern
+    with pytest.raises(BenchError, match="2 channel squares but the images have 1 channels"):
+        BadNets(pattern=squares[:2]).apply(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
 
 
 def test_badnets_patch_size_defaults_to_20_on_imagenet_sized_images():
