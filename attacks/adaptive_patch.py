@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from attacks.base import Attack, PoisonedSet
+from attacks.base import Attack, PoisonedSet, PoisonPool
 from attacks.patterns import seeded_uniform
 from bench.core.data import ImageSet
 from bench.core.device import to_float, to_uint8
@@ -102,9 +102,11 @@ class AdaptivePatch(Attack):
         which = torch.arange(x.shape[0]) % len(alphas)
         return to_uint8(self.blend(to_float(x), which, torch.tensor(alphas)[which]).clamp(0, 1))
 
-    def poison_train(self, train: ImageSet, rate: float, target: int, gen: torch.Generator) -> PoisonedSet:
+    def poison_train(
+        self, train: ImageSet, rate: float, target: int, gen: torch.Generator, pool: PoisonPool = "non_target"
+    ) -> PoisonedSet:
         """Weak patches on the poisoned samples (relabelled) and on the cover samples (labels kept)."""
-        index = self.select_poison_index(train, rate, target, gen)
+        index = self.select_poison_index(train, rate, target, gen, pool)
         cover = self.select_cover_index(train, round(self.params.cover_rate * len(train)), index, gen)
         x, y = train.x.clone(), train.y.clone()
         if index.numel():

@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attacks.base import Attack, FitContext, PoisonedSet
+from attacks.base import Attack, FitContext, PoisonedSet, PoisonPool
 from bench.core.data import ImageSet
 from bench.core.device import to_float, to_uint8
 from bench.core.errors import BenchError
@@ -115,8 +115,11 @@ class LabelConsistent(Attack):
         alpha = (self.params.amplitude * mask).to(device=x.device, dtype=x.dtype)
         return x + alpha * (pattern - x)
 
-    def poison_train(self, train: ImageSet, rate: float, target: int, gen: torch.Generator) -> PoisonedSet:
-        """Adversarially perturb ``round(rate * N)`` target-class images, stamp the trigger, keep labels."""
+    def poison_train(
+        self, train: ImageSet, rate: float, target: int, gen: torch.Generator, pool: PoisonPool = "non_target"
+    ) -> PoisonedSet:
+        """Adversarially perturb ``round(rate * N)`` target-class images, stamp the trigger, keep labels
+        (``pool`` does not apply: the poison comes from the target class)."""
         index = self.select_poison_index(train, rate, target, gen)
         x = train.x.clone()
         if index.numel():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from attacks.base import Attack, FitContext, PoisonedSet
+from attacks.base import Attack, FitContext, PoisonedSet, PoisonPool
 from bench.core.data import ImageSet
 from bench.core.device import to_float, to_uint8
 from bench.core.errors import BenchError
@@ -78,9 +78,11 @@ class WaNet(Attack):
         grid = (grid + noise).clamp(-1, 1).to(device=x.device, dtype=x.dtype)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
-    def poison_train(self, train: ImageSet, rate: float, target: int, gen: torch.Generator) -> PoisonedSet:
+    def poison_train(
+        self, train: ImageSet, rate: float, target: int, gen: torch.Generator, pool: PoisonPool = "non_target"
+    ) -> PoisonedSet:
         """All-to-one poisoning, plus ``cross_ratio`` x as many noise-warped samples with true labels."""
-        poisoned = super().poison_train(train, rate, target, gen)
+        poisoned = super().poison_train(train, rate, target, gen, pool)
         count = round(self.params.cross_ratio * poisoned.poisoned_index.numel())
         if count == 0:
             return poisoned

@@ -19,6 +19,7 @@ from bench.core.data import DataSplit, ImageSet
 from bench.core.device import to_float, to_uint8
 from bench.core.models import build_model
 from bench.core.registry import ATTACKS
+from bench.nn.augment import random_flip
 
 NAMES = ATTACKS.names()
 RATE = 0.05
@@ -147,6 +148,21 @@ def test_train_augment_keeps_shape_range_and_is_seeded(name: str, data: DataSpli
     x = to_float(data.train.x[:8])
     a = attack.train_augment(x, torch.Generator().manual_seed(0))
     b = attack.train_augment(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_augment_keeps_shape_range_and_is_seeded(name: str, data: DataSplit) -> None:
+    """The per-batch training transformation of the poisoned set, with a flip as the standard augmentation."""
+    attack = fitted(name, data.train)
+    result = poisoned(attack, data.train)
+    augment = attack.batch_augment(data.train, result, lambda x, gen: random_flip(x, gen))
+    index = torch.arange(0, len(data.train), 7)
+    x = to_float(result.train.x[index])
+    a = augment(x, index, torch.Generator().manual_seed(0))
+    b = augment(x, index, torch.Generator().manual_seed(0))
     assert a.shape == x.shape and a.dtype == x.dtype
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
     assert torch.equal(a, b)

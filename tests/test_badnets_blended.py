@@ -113,6 +113,23 @@ def test_asr_set_has_no_target_class_sample(mnist):
     assert x.shape[0] == int((mnist.test.y != 4).sum()) and bool((y != 4).all())
 
 
+def test_pool_all_draws_from_the_target_class_too_and_keeps_its_label(mnist):
+    """``pool: all`` (the references' convention): round(rate * N) samples from every class; a drawn
+    target-class sample gets the trigger and keeps the target label."""
+    train, target = mnist.train, 3
+    attack = BadNets()
+    result = attack.poison_train(train, 0.3, target, torch.Generator().manual_seed(0), pool="all")
+    index = result.poisoned_index
+    assert index.numel() == round(0.3 * len(train))
+    drawn = train.y[index]
+    assert int((drawn == target).sum()) > 0, "no target-class sample was drawn"
+    assert set(drawn.tolist()) == set(range(10))
+    assert bool((result.train.y[index] == target).all())
+    assert torch.equal(result.train.x[index], attack.apply(train.x[index]))
+    default = attack.poison_train(train, 0.3, target, torch.Generator().manual_seed(0)).poisoned_index
+    assert not bool((train.y[default] == target).any())
+
+
 def test_impossible_rate_for_the_non_target_pool_is_an_error():
     tiny = ImageSet(torch.zeros(10, 1, 8, 8, dtype=torch.uint8), torch.tensor([0] * 8 + [1, 2]), ["a", "b", "c"])
     with pytest.raises(BenchError, match="outside the target class"):

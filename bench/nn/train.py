@@ -22,6 +22,8 @@ from bench.core.device import to_float
 from bench.nn import augment
 
 BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
+# A batch transformation that also gets the batch's indices into the training set.
+IndexedTransform = Callable[[Tensor, Tensor, torch.Generator], Tensor]
 
 
 @dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
@@ -80,13 +82,14 @@ def train_classifier(
     recipe: TrainRecipe,
     device: torch.device,
     seed: int,
-    extra_augment: BatchTransform | None = None,
+    batch_augment: IndexedTransform | None = None,
     desc: str = "train",
 ) -> nn.Module:
     """Train ``model`` on uint8 ``images`` and int64 ``labels``; return it in eval mode.
 
-    ``extra_augment`` runs after the standard augmentation on every batch (PhysicalBA's physical
-    transformations, for example).
+    ``batch_augment(x, index, gen)``, when given, replaces the standard augmentation of every
+    float batch ``x`` whose rows are ``images[index]``: an attack's per-batch transformation,
+    which may depend on which samples are poisoned (:meth:`attacks.base.Attack.batch_augment`).
     """
     model.to(device)
     use_cuda = device.type == "cuda"
@@ -109,6 +112,7 @@ def train_classifier(
     )
     scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
     base_augment = standard_augment(recipe)
+    augment = batch_augment or (lambda x, _index, g: base_augment(x, g))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and recipe.amp)
     model.train()
     bar = tqdm(range(recipe.epochs), desc=desc, leave=False, disable=None)
@@ -117,9 +121,7 @@ def train_classifier(
         running = torch.zeros((), device=device)
         for step in range(steps_per_epoch):
             idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
-            x = base_augment(to_float(images[idx]), gen)
-            if extra_augment is not None:
-                x = extra_augment(x, gen)
+            x = augment(to_float(images[idx]), idx, gen)
             if use_cuda and recipe.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:

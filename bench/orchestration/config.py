@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from attacks.base import PoisonPool
 from bench.core.determinism import Deterministic
 from bench.core.errors import BenchError
 from bench.core.params import validation_error_line
@@ -64,9 +65,25 @@ class PluginSpec(BaseModel):
 
 
 class PoisonSettings(BaseModel):
+    """The poisoning every attack of the grid applies (attacks with their own rate override it).
+
+    ``pool``: where all-to-one attacks draw their poisoned samples -- ``non_target`` (the
+    default: every poisoned sample is relabelled) or ``all``, the convention of BackdoorBox and
+    the REFINE code (a drawn target-class sample gets the trigger and keeps its label).
+    """
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     rate: float = Field(0.1, gt=0, lt=1)
     target: int = Field(0, ge=0)  # checked against each dataset's classes when the grid compiles
+    pool: PoisonPool = "non_target"
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as they enter a model's cache key; the default pool is left out, so that
+        grids written before the pool existed keep their cached models."""
+        values = self.model_dump(mode="json")
+        if self.pool == "non_target":
+            del values["pool"]
+        return values
 
 
 class TsneSettings(BaseModel):

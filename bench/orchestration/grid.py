@@ -186,7 +186,7 @@ def model_key(config: GridConfig, data_key: str, model: dict[str, Any], attack: 
     return stable_hash({
         "v": ARTIFACT_VERSION,
         "data": data_key,
-        "poison": config.poison.model_dump(mode="json"),
+        "poison": config.poison.identity(),
         "train": config.resolved()["train"],
         "model": model,
         "attack": attack,

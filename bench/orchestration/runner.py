@@ -32,7 +32,7 @@ from bench.core.models import build_model
 from bench.core.registry import ATTACKS, DEFENSES
 from bench.core.seeding import derive_seed, generator, seed_everything
 from bench.core.tsne_sample import CellFeatures, sample_indices
-from bench.nn.train import train_classifier
+from bench.nn.train import standard_augment, train_classifier
 from bench.orchestration.config import GridConfig, PluginSpec
 from bench.orchestration.grid import ARTIFACT_VERSION, Cell
 from bench.orchestration.store import SHARED_PREFIX, ArtifactStore
@@ -186,11 +186,13 @@ class CellRunner:
 
     def backdoored_model(self, cell: Cell, data: CellData, attack: Attack) -> tuple[nn.Module, bool]:
         def train(model: nn.Module) -> nn.Module:
-            poisoned = attack.poison_train(data.attacker_train, self.config.poison.rate,
-                                           self.config.poison.target, generator(cell.seed, "poison"))  # fmt: skip
+            settings = self.config.poison
+            poisoned = attack.poison_train(data.attacker_train, settings.rate, settings.target,
+                                           generator(cell.seed, "poison"), pool=settings.pool)  # fmt: skip
+            augment = attack.batch_augment(data.attacker_train, poisoned, standard_augment(self.config.train))
             return train_classifier(
                 model, poisoned.train.x, poisoned.train.y, self.config.train, self.device,
-                derive_seed(cell.seed, "train"), extra_augment=attack.train_augment,
+                derive_seed(cell.seed, "train"), batch_augment=augment,
                 desc=f"train {cell.model.name} [{cell.attack_label}]",
             )  # fmt: skip
 
