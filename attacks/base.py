@@ -139,13 +139,13 @@ class Attack(Plugin):
     def select_poison_index(
         self, train: ImageSet, rate: float, target: int, gen: torch.Generator, pool: PoisonPool = "non_target"
     ) -> Tensor:
-        """``round(poisoning_rate(rate) * N)`` indices drawn without replacement from the non-target
-        samples (``pool="non_target"``) or from all samples (``pool="all"``); from the target class
-        for clean-label attacks, whatever ``pool``."""
+        """Indices drawn without replacement: ``round(poisoning_rate(rate) * N)`` of the non-target
+        samples (``pool="non_target"``) or of all samples (``pool="all"``); for clean-label
+        attacks ``round(poisoning_rate(rate) * n_target)`` of the target class, whatever ``pool``."""
         rate = self.poisoning_rate(rate)
         if self.clean_label:
             candidates = torch.nonzero(train.y == target).flatten()
-            count, where = round(rate * len(train)), "in"
+            count, where = round(rate * candidates.numel()), "in"
         else:
             mask = torch.ones_like(train.y, dtype=torch.bool) if pool == "all" else train.y != target
             candidates = torch.nonzero(mask).flatten()

@@ -111,7 +111,9 @@ def test_poisoned_count_and_labels_follow_the_attack_rule(name: str, data: DataS
     if type(attack).poisoning_rate is Attack.poisoning_rate:
         # The grid's rate, unless the attack has its own ``poison_rate`` parameter set.
         assert rate == (RATE if own is None else own)
-    assert index.numel() == round(rate * len(train))
+    # Clean-label attacks poison a share of the target class, all-to-one attacks a share of the set.
+    counted = int((train.y == TARGET).sum()) if attack.clean_label else len(train)
+    assert index.numel() == round(rate * counted)
     assert index.dtype == cover.dtype == torch.int64
     assert index.unique().numel() == index.numel() and cover.unique().numel() == cover.numel()
     assert not set(index.tolist()) & set(cover.tolist()), "a sample is both poisoned and cover"

@@ -1,4 +1,4 @@
-"""Label-Consistent: target-class samples only, labels kept, PGD within eps, a flip-proof corner trigger."""
+"""Label-Consistent: a share of the target class, labels kept, PGD within eps, a flip-proof corner trigger."""
 
 from __future__ import annotations
 
@@ -56,10 +56,10 @@ def test_poisons_only_target_class_images_and_keeps_labels(train: ImageSet) -> N
         return tiny_model(train)
 
     attack.fit(train, torch.Generator().manual_seed(0), FitContext(torch.device("cpu"), clean_model))
-    result = attack.poison_train(train, 0.05, 0, torch.Generator().manual_seed(0))
+    result = attack.poison_train(train, 0.5, 0, torch.Generator().manual_seed(0))
     index = result.poisoned_index
     assert calls == [1], "the clean model is requested once, and only when poisoning"
-    assert index.numel() == 10 and bool((train.y[index] == 0).all())
+    assert index.numel() == 10 and bool((train.y[index] == 0).all())  # half of the 20 target-class images
     assert torch.equal(result.train.y, train.y)
     changed = (result.train.x != train.x).flatten(1).any(1)
     assert set(torch.nonzero(changed).flatten().tolist()) == set(index.tolist())
@@ -72,17 +72,55 @@ def test_poisons_only_target_class_images_and_keeps_labels(train: ImageSet) -> N
     assert torch.equal(result.train.x[index][:, :, mask > 0], attack.apply(train.x[index])[:, :, mask > 0])
 
 
-def test_needs_a_clean_model_and_enough_target_samples(train: ImageSet) -> None:
+def test_needs_a_clean_model(train: ImageSet) -> None:
     attack = LabelConsistent(steps=1)
     attack.fit(train, torch.Generator().manual_seed(0))
     with pytest.raises(BenchError, match="clean model"):
-        attack.poison_train(train, 0.05, 0, torch.Generator().manual_seed(0))
-    with pytest.raises(BenchError, match="in the target class"):
-        attack.poison_train(train, 0.5, 0, torch.Generator().manual_seed(0))
+        attack.poison_train(train, 0.25, 0, torch.Generator().manual_seed(0))
+
+
+def test_rate_is_a_share_of_the_target_class(cifar10) -> None:
+    """REFINE's 25%: a quarter of the target class, whatever the set's size or the pool setting."""
+    train = cifar10.train.subset(stratified_split(cifar10.train.y, 1000, 0)[0])  # 100 per class
+    attack = LabelConsistent(steps=0, poison_rate=0.25)
+    attack.fit(train, torch.Generator().manual_seed(0), FitContext(torch.device("cpu"), lambda: tiny_model(train)))
+    for target in (0, 7):
+        for pool in ("non_target", "all"):
+            result = attack.poison_train(train, 0.1, target, torch.Generator().manual_seed(0), pool=pool)
+            assert result.poisoned_index.numel() == 25 and bool((train.y[result.poisoned_index] == target).all())
+    grid_rate = LabelConsistent(steps=0)
+    grid_rate.fit(train, torch.Generator().manual_seed(0), FitContext(torch.device("cpu"), lambda: tiny_model(train)))
+    assert grid_rate.poison_train(train, 0.1, 0, torch.Generator().manual_seed(0)).poisoned_index.numel() == 10
+
+
+def test_pgd_starts_from_the_clean_image_unless_asked(train: ImageSet) -> None:
+    model = tiny_model(train)
+    x, y = to_float(train.x[:8]), train.y[:8]
+    eps = 8 / 255
+    # Zero steps show the starting point: the clean image, or a random point of the eps-ball.
+    start = pgd_away_from_label(model, x, y, eps, 1.5 / 255, 0, torch.Generator().manual_seed(0))
+    assert torch.equal(start, x)
+    noisy = pgd_away_from_label(model, x, y, eps, 1.5 / 255, 0, torch.Generator().manual_seed(0), random_start=True)
+    assert not torch.equal(noisy, x) and float((noisy - x).abs().max()) <= eps + 1e-6
+    # Without a random start PGD is deterministic: the generator does not matter.
+    a = pgd_away_from_label(model, x, y, eps, 1.5 / 255, 3, torch.Generator().manual_seed(0))
+    b = pgd_away_from_label(model, x, y, eps, 1.5 / 255, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert not LabelConsistent().params.random_start
+
+
+def test_patch_trigger_is_the_badnets_stamp(cifar10) -> None:
+    """``trigger: patch`` (the REFINE code's choice) stamps the BadNets square, here the gray pattern."""
+    gray = [[247, 241, 130], [106, 201, 92], [153, 163, 20]]
+    x = cifar10.test.x[:4]
+    out = LabelConsistent(trigger="patch", pattern=gray).apply(x)
+    assert torch.equal(out[:, :, 29:, 29:], torch.tensor(gray, dtype=torch.uint8).expand(4, 3, 3, 3))
+    out[:, :, 29:, 29:] = x[:, :, 29:, 29:]
+    assert torch.equal(out, x)
 
 
 def test_own_poison_rate_replaces_the_grids(train: ImageSet) -> None:
-    attack = LabelConsistent(steps=1, poison_rate=0.025)
+    attack = LabelConsistent(steps=1, poison_rate=0.25)
     attack.fit(train, torch.Generator().manual_seed(0), FitContext(torch.device("cpu"), lambda: tiny_model(train)))
     result = attack.poison_train(train, 0.1, 0, torch.Generator().manual_seed(0))
     assert result.poisoned_index.numel() == 5 and bool((train.y[result.poisoned_index] == 0).all())
