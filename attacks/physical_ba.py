@@ -2,8 +2,10 @@
 
 The poisoned samples carry the BadNets patch and the target label as in BadNets, but *every*
 training batch (clean and poisoned) is flipped, brightness-jittered and randomly rotated,
-shifted and scaled, each image with its own parameters. The backdoor so learned survives the
-changes of pose and lighting a physical trigger meets; the test-time trigger is the plain patch.
+shifted and scaled, each image with its own parameters, after the standard augmentation. The
+backdoor so learned survives the changes of pose and lighting a physical trigger meets; the
+test-time trigger is the plain patch. The affine transformation is the reference code's
+``torchvision`` ``RandomAffine``: nearest-neighbour resampling and whole-pixel shifts.
 ``p`` < 1 transforms only that share of the training images (the paper transforms all: p = 1),
 a knob for short training runs, where always-shrunken training images cost clean accuracy.
 """
@@ -23,6 +25,8 @@ from bench.nn.augment import random_flip
 @ATTACKS.register("physical_ba")
 class PhysicalBA(BadNets):
     """BadNets patch + per-sample flip, brightness 0.1, affine (rotate 10 deg, translate 0.1, scale 0.8-0.9) in training."""
+
+    version = 2  # nearest resampling and whole-pixel shifts (was bilinear, continuous)
 
     class Params(BadNets.Params):
         flip: bool = Field(True, description="random horizontal flip of every training image")

@@ -4,7 +4,10 @@ PhysicalBA trains on randomly rotated, shifted and scaled images; BATT's trigger
 rotation. Both are one ``affine_grid`` + ``grid_sample`` over the whole batch, with parameters
 in the conventions of ``torchvision.transforms.RandomAffine``: angles in degrees, positive =
 counter-clockwise; translations as fractions of the image size; scaling about the centre;
-uncovered pixels filled with black.
+uncovered pixels filled with black. Resampling is nearest-neighbour by default, as in the
+reference code (``RandomAffine``'s default interpolation, PIL's ``Image.rotate`` default), so a
+transformed image holds only pixel values of its source (and black); ``random_affine`` shifts by
+whole pixels, as ``RandomAffine`` rounds its drawn translation to integers.
 """
 
 from __future__ import annotations
@@ -35,16 +38,17 @@ def affine_theta(angle: Tensor, translate: Tensor, scale: Tensor, height: int, w
     return theta
 
 
-def warp_affine(x: Tensor, theta: Tensor, mode: str = "bilinear") -> Tensor:
+def warp_affine(x: Tensor, theta: Tensor, mode: str = "nearest") -> Tensor:
     """Resample every image of ``x`` through its own affine matrix; outside pixels are black."""
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def rotate(x: Tensor, angle: float, mode: str = "bilinear") -> Tensor:
-    """Rotate every image by the same ``angle`` degrees (counter-clockwise) about its centre."""
+def rotate(x: Tensor, angle: float | Tensor, mode: str = "nearest") -> Tensor:
+    """Rotate every image by ``angle`` degrees (counter-clockwise) about its centre: one angle for
+    the whole batch, or a tensor of one angle per image."""
     n, _, h, w = x.shape
-    angles = torch.full((n,), float(angle), dtype=x.dtype, device=x.device)
+    angles = torch.as_tensor(angle, dtype=x.dtype, device=x.device).expand(n)
     zeros = torch.zeros(n, 2, dtype=x.dtype, device=x.device)
     return warp_affine(x, affine_theta(angles, zeros, torch.ones_like(angles), h, w), mode)
 
@@ -56,13 +60,15 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator, like: Tensor
 def random_affine(
     x: Tensor, gen: torch.Generator, degrees: float, translate: float, scale: tuple[float, float]
 ) -> Tensor:
-    """A random rotation in [-degrees, degrees], shift up to ``translate`` of the size per axis and
-    scale in ``scale``, drawn per image."""
+    """A random rotation in [-degrees, degrees], shift and scale in ``scale``, drawn per image and
+    resampled nearest-neighbour, as ``RandomAffine``: the shift along each axis is drawn from
+    [-translate, translate] times that side and rounded to whole pixels (half to even)."""
     n, _, h, w = x.shape
     angle = _uniform(n, -degrees, degrees, gen, x)
-    shift = torch.stack([_uniform(n, -translate, translate, gen, x), _uniform(n, -translate, translate, gen, x)], 1)
+    dx = _uniform(n, -translate * w, translate * w, gen, x).round() / w
+    dy = _uniform(n, -translate * h, translate * h, gen, x).round() / h
     factor = _uniform(n, scale[0], scale[1], gen, x)
-    return warp_affine(x, affine_theta(angle, shift, factor, h, w))
+    return warp_affine(x, affine_theta(angle, torch.stack([dx, dy], 1), factor, h, w))
 
 
 def random_brightness(x: Tensor, gen: torch.Generator, strength: float) -> Tensor:

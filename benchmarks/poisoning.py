@@ -22,24 +22,26 @@ batches, which move to the device. The trigger per image, as the toolkits write 
 - blended: ``(1 - a) * img + a * pattern`` in float32, back to uint8 by rounding. BackdoorBox
   truncates (``.type(torch.uint8)``) and the REFINE code keeps the float; rounding is the
   harness's convention and costs the same.
-- adaptive_patch: each sample's patch box blended in float32 (``img + a * (patch - img)``),
-  rounded to uint8; poisoned and cover samples get patches in the order ``poison_train`` gives.
+- adaptive_patch: each sample's patch blended in float32 over its bounding box, weighted by the
+  patch's mask (``img + a * mask * (patch - img)``), rounded to uint8; poisoned and cover samples
+  get patches in the order ``poison_train`` gives.
 - wanet: ``ToTensor``, then ``F.grid_sample`` on the single image with the attack's fixed
   sampling grid, float out (BackdoorBox's WaNet inserted after ``ToTensor``, as the REFINE code
   inserts it).
-- batt: ``ToTensor``, then ``F.grid_sample`` on the single image with the fixed 16-degree
-  rotation grid, drawn once, float out. The REFINE code rotates a PIL image with nearest
-  resampling (``img.rotate(16)``): a different image from the harness's bilinear rotation, and
-  no cheaper per image (PIL round trip about 100 us against 60 us for this, one core here).
+- batt: ``ToTensor``, then ``F.grid_sample`` (nearest) on the single image with the fixed
+  16-degree rotation grid, drawn once. The REFINE code rotates a PIL image (``img.rotate(16)``,
+  nearest): the same pixels, and no cheaper per image (PIL round trip about 100 us against 60 us
+  for this, one core here). The harness applies BATT's training-time rotation per batch after
+  the flip (see ``attacks/batt.py``); this epoch streams the stored poisoned images.
 
 Label-Consistent has no per-sample path here: its poisons are PGD images computed once (the
 toolkits store them too) and then stamped like BadNets. Train-time augmentation (crop and flip,
 Physical-BA's physical transformations) is not poisoning; neither path includes it.
 
 Every run checks, batch by batch, that both paths deliver the same batches (and labels) and
-stops with an error if not: uint8-identical for the uint8 triggers; for WaNet and BATT within
-half a uint8 step (0.5/255, plus 1e-5 of float slack), because the harness stores its poisoned
-images as uint8 while the per-sample path keeps the warped float.
+stops with an error if not: uint8-identical for the uint8 triggers (BATT's nearest rotation
+included); for WaNet within half a uint8 step (0.5/255, plus 1e-5 of float slack), because the
+harness stores its poisoned images as uint8 while the per-sample path keeps the warped float.
 The table shows the largest difference in uint8 steps and how many values would round to a
 different uint8.
 
@@ -139,7 +141,8 @@ def adaptive_patch_trigger(attack: Attack, poisoned: PoisonedSet, shape: tuple[i
         rows = torch.nonzero(masks[j, 0].any(1)).flatten()
         cols = torch.nonzero(masks[j, 0].any(0)).flatten()
         r, cc = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
-        boxes.append((r, cc, marks[j, :, r, cc].permute(1, 2, 0).numpy(), np.float32(alpha)))
+        weight = (alpha * masks[j, :, r, cc]).permute(1, 2, 0).numpy().astype(np.float32)
+        boxes.append((r, cc, marks[j, :, r, cc].permute(1, 2, 0).numpy(), weight))
     # poison_train gives the i-th poisoned (and, separately, the i-th cover) sample patch i mod k.
     which = {index: rank % len(boxes) for group in (poisoned.poisoned_index, poisoned.cover_index)
              for rank, index in enumerate(group.tolist())}  # fmt: skip
@@ -175,7 +178,7 @@ def batt_trigger(attack: Attack, poisoned: PoisonedSet, shape: tuple[int, int, i
 
     def apply(index: int, image: np.ndarray) -> Tensor:
         x = TO_TENSOR(image).unsqueeze(0)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False).squeeze(0)
+        return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False).squeeze(0)
 
     return apply
 
@@ -194,7 +197,7 @@ REFERENCES: dict[str, Reference] = {
     "blended": Reference(blended_trigger, True),
     "adaptive_patch": Reference(adaptive_patch_trigger, True),
     "wanet": Reference(wanet_trigger, False),
-    "batt": Reference(batt_trigger, False),
+    "batt": Reference(batt_trigger, True),
 }
 
 
@@ -390,7 +393,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         print(f"  {name}: {row['batched_img_per_s']:,.0f} vs {row['per_sample_img_per_s']:,.0f} img/s "
               f"({row['ratio']:.1f}x), outputs agree", flush=True)  # fmt: skip
     note = ("ratio: per-sample epoch time / batched epoch time (both measured here, side by side). max_diff_uint8 and "
-            "uint8_mismatches: how far the two paths' float images lie apart (0 = identical; WaNet and BATT keep a "
+            "uint8_mismatches: how far the two paths' float images lie apart (0 = identical; WaNet keeps a "
             "float image per sample, the harness a uint8 one, so up to half a step).")  # fmt: skip
     report(rows, CSV_COLUMNS, CSV_COLUMNS, args.csv, note)
     return rows
