@@ -99,6 +99,38 @@ def test_noise_mode_adds_cover_samples_with_true_labels(cifar10) -> None:
     assert torch.equal(result.train.x[result.poisoned_index], attack.apply(train.x[result.poisoned_index]))
 
 
+def test_noise_mode_redraws_the_noise_every_epoch(cifar10) -> None:
+    """Two passes over the same batch (two epochs) warp the cover samples with different noise, each
+    time from the clean original; poisoned and clean rows are what ``poison_train`` stored."""
+    train = cifar10.train.subset(stratified_split(cifar10.train.y, 200, 0)[0])
+    attack = fitted(k=4, s=0.5, cross_ratio=2.0)
+    result = attack.poison_train(train, 0.1, 0, torch.Generator().manual_seed(0))
+    augment = attack.batch_augment(train, result, lambda x, gen: x)  # no standard augmentation
+    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))
+    stored = to_float(result.train.x[index])
+    gen = torch.Generator().manual_seed(2)
+    first, second = augment(stored, index, gen), augment(stored, index, gen)
+    cover = torch.isin(index, result.cover_index)
+    assert int(cover.sum()) == 40
+    assert torch.equal(first[~cover], stored[~cover]) and torch.equal(second[~cover], stored[~cover])
+    differs = (first[cover] != second[cover]).flatten(1).any(1)
+    assert bool(differs.all()), "a cover sample got the same noise in two epochs"
+    exact = to_float(attack.apply(train.x[index[cover]]))
+    for epoch in (first, second):  # each draw is the field plus noise: close to, not at, the trigger
+        gap = (epoch[cover] - exact).abs().mean((1, 2, 3))
+        assert float(gap.max()) < 0.1 and float(gap.min()) > 0
+        assert torch.equal(epoch[cover], (epoch[cover] * 255).round() / 255)  # uint8 levels, as stored
+
+
+def test_noise_mode_off_leaves_batches_to_the_standard_augmentation(cifar10) -> None:
+    train = cifar10.train.subset(stratified_split(cifar10.train.y, 100, 0)[0])
+    attack = fitted(k=4)
+    result = attack.poison_train(train, 0.1, 0, torch.Generator().manual_seed(0))
+    augment = attack.batch_augment(train, result, lambda x, gen: x.flip(3))
+    x = to_float(result.train.x[:16])
+    assert torch.equal(augment(x, torch.arange(16), torch.Generator()), x.flip(3))
+
+
 def test_bad_parameters_are_user_errors() -> None:
     for params in ({"k": 1}, {"s": -1}, {"cross_ratio": -0.5}, {"grid_rescale": 0}):
         with pytest.raises(BenchError):
