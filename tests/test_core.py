@@ -80,6 +80,22 @@ def test_models_take_unit_range_images_and_expose_features(name, shape):
     assert model(x).shape == (2, 7)
 
 
+def test_model_normalization_is_a_parameter_with_the_data_statistics_as_default():
+    reference = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}
+    given = build_model("cifar_resnet18", num_classes=10, in_channels=3, normalization=reference)
+    default = build_model("cifar_resnet18", num_classes=10, in_channels=3)
+    assert given.normalize.std.flatten().tolist() == pytest.approx(reference["std"])
+    assert given.normalize.mean.flatten().tolist() == pytest.approx(reference["mean"])
+    assert default.normalize.std.flatten().tolist() == pytest.approx([0.2470, 0.2435, 0.2616])
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(given.normalize(x), (x - torch.tensor(reference["mean"]).view(1, 3, 1, 1))
+                               / torch.tensor(reference["std"]).view(1, 3, 1, 1))  # fmt: skip
+    with pytest.raises(BenchError, match="normalization is for 3 channels but the images have 1"):
+        build_model("small_cnn", num_classes=10, in_channels=1, normalization=reference)
+    with pytest.raises(BenchError, match="as many std values as mean values"):
+        build_model("small_cnn", num_classes=10, in_channels=3, normalization={"mean": [0.5], "std": [0.2, 0.2]})
+
+
 def test_registry_suggests_the_closest_name():
     with pytest.raises(UnknownNameError, match="Did you mean 'badnets'.*Valid attacks: .*blended"):
         ATTACKS.get("badnet")
