@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,11 @@ from attacks.wanet import WaNet
 from bench.core.data import ImageSet, stratified_split
 from bench.core.device import to_float
 from bench.core.errors import BenchError
+from bench.core.registry import ATTACKS
+from bench.orchestration.config import load_config
+from bench.orchestration.grid import compile_grid
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def fitted(seed: int = 0, **params) -> WaNet:
@@ -129,6 +136,16 @@ def test_noise_mode_off_leaves_batches_to_the_standard_augmentation(cifar10) -> 
     augment = attack.batch_augment(train, result, lambda x, gen: x.flip(3))
     x = to_float(result.train.x[:16])
     assert torch.equal(augment(x, torch.arange(16), torch.Generator()), x.flip(3))
+
+
+def test_paper_grid_uses_the_reference_k_of_32() -> None:
+    """The paper grid's WaNet is the REFINE code's: a 32 x 32 control grid on CIFAR-10 (default 4)."""
+    cells = compile_grid(load_config(REPO / "configs" / "cifar10_paper.yaml"))
+    wanet = {cell.attack_params["k"] for cell in cells if cell.attack.name == "wanet"}
+    assert wanet == {32}
+    attack = ATTACKS.create("wanet", next(c.attack.params for c in cells if c.attack.name == "wanet"))
+    assert attack.params.k == 32 and attack.params.s == 0.5 and attack.params.cross_ratio == 0
+    assert WaNet().params.k == 4
 
 
 def test_bad_parameters_are_user_errors() -> None:
