@@ -14,6 +14,10 @@ stamps its gray 3x3 BadNets square in the bottom-right corner at full opacity.
 The poisoning rate is a share of the target class, as the reference code computes it
 (REFINE: 25% of CIFAR-10's target class): ``round(rate * n_target)`` images, ``rate`` being the
 attack's own ``poison_rate`` or else the grid's.
+
+Not reproduced: the reference code runs PGD on un-normalised images (its ``adv_transform`` is
+``ToTensor`` alone) against a clean model trained on normalised ones; here the model normalises
+its own input, so PGD attacks the model as it classifies.
 """
 
 from __future__ import annotations
