@@ -36,14 +36,14 @@ def test_the_paper_grid_validates_and_lists_every_cell_without_running(tmp_path,
     code, out = _dry_run(capsys, tmp_path, REPO / "configs" / "cifar10_paper.yaml")
     assert code == 0
     todo = [line for line in out.splitlines() if line.strip().startswith("[todo]")]
-    assert len(todo) == len(config["attacks"]) * len(config["defenses"]) == 35
+    assert len(todo) == len(config["attacks"]) * len(config["defenses"]) == 42
     for attack in ("badnets", "blended", "wanet", "physical_ba", "batt", "label_consistent", "adaptive_patch"):
         for defense in ("none", "shrinkpad", "bdmae", "btidbf", "refine"):
             assert any(f" {attack}" in line and f"/ {defense}" in line for line in todo), (attack, defense)
     # 7 backdoored models + the clean model the clean-label attack crafts its poison with,
     # each 150 epochs over the 40,000 images the attacker keeps.
     assert "model trainings: 8 x 150 epochs -> 48,000,000 image-passes" in out
-    assert re.search(r"defense fits: 21 \(bdmae x7, btidbf x7, refine x7\)", out)
+    assert re.search(r"defense fits: 28 \(bdmae x7, btidbf x14, refine x7\)", out)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
