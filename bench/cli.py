@@ -80,9 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ray cluster to join (auto, HOST:PORT); default: start a local Ray instance")
     _common(run)
 
-    table = sub.add_parser("table", help="rebuild and print the tables of a run directory",
-                           description="Rebuild cells.csv and table.{md,csv,tex} from a run's records.")
-    table.add_argument("run_dir", help="a run directory written by 'run'")
+    table = sub.add_parser("table", help="rebuild and print the tables of a run directory, or merge several",
+                           description="Rebuild cells.csv and table.{md,csv,tex} from a run's records. With --out, "
+                                       "merge the records of one or more run directories (slices of one grid, "
+                                       "e.g. run with --set 'attacks=[...]') into a new run directory with one "
+                                       "cells.csv, table.{md,csv,tex}, figures and report.html. Slices whose "
+                                       "configurations differ in anything but attacks, defenses and seeds, or "
+                                       "that hold one cell with different numbers, are refused.")
+    table.add_argument("run_dir", nargs="+", help="run directories written by 'run' (several need --out)")
+    table.add_argument("--out", help="merge into this directory (new, empty, or an earlier merge)")
+    table.add_argument("--no-tsne", action="store_true",
+                       help="with --out: do not draw the t-SNE figures the slices did not draw already")
 
     status = sub.add_parser("status", help="show which cells of a run are done, running, failed or pending",
                             description="One line per cell: done (BA, ASR), running (which job, where), "
@@ -169,12 +177,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        from bench.orchestration.merge import merge_runs
+
+        markdown, cells = merge_runs([Path(p) for p in args.run_dir], Path(args.out), tsne=not args.no_tsne)
+        print(markdown)
+        print(f"{cells} cells from {len(args.run_dir)} run directories -> {args.out} "
+              f"(report: {Path(args.out) / 'report.html'})")  # fmt: skip
+        return 0
+    if len(args.run_dir) > 1:
+        raise BenchError("several run directories are merged into a new one: give --out DIR")
     from bench.report.tables import write_tables
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "records").is_dir():
-        raise BenchError(f"{run_dir} is not a run directory (no records/ inside)")
-    print(write_tables(run_dir))
+    print(write_tables(_run_dir(args.run_dir[0])))
     return 0
 
 

@@ -29,7 +29,7 @@ from benchmarks.common import random_subset, recipe_settings
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_ATTACKS = ["badnets", "blended", "wanet", "physical_ba", "batt", "label_consistent", "adaptive_patch"]
-PAPER_DEFENSES = ["none", "shrinkpad", "bdmae", "btidbf", "refine"]
+PAPER_DEFENSES = ["none", "shrinkpad", "bdmae", "btidbf", "btidbf", "refine"]
 
 
 @pytest.fixture(autouse=True)
@@ -223,7 +223,7 @@ def test_grid_estimate_is_trainings_times_epochs_plus_fits_plus_evaluation(tmp_p
     assert grid_walltime.main(argv) == 0
     with open(out, newline="") as fh:
         rows = {r["component"]: r for r in csv.DictReader(fh)}
-    # 7 backdoored models + the clean model Label-Consistent needs; 35 cells; one REFINE fit per model.
+    # 7 backdoored models + the clean model Label-Consistent needs; 42 cells; one REFINE fit per model.
     trainings, cells, fits = len(PAPER_ATTACKS) + 1, len(PAPER_ATTACKS) * len(PAPER_DEFENSES), len(PAPER_ATTACKS)
     assert int(rows["train cifar_resnet18 (150 epochs)"]["count"]) == trainings
     assert int(rows["fit refine c=64"]["count"]) == fits
