@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: results/<config name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    run.add_argument("--only", action="append", default=[], metavar="KEY=NAMES",
+                     help="run a slice: keep only the grid's entries of KEY (attacks, defenses, seeds, models, "
+                          "datasets) with these comma-separated names or labels, parameters as in the file, "
+                          "e.g. --only attacks=badnets,wanet (repeatable); 'table ... --out' merges slices")
     run.add_argument("--dry-run", action="store_true",
                      help="validate the config, list its cells and the work that remains; run nothing")
     run.add_argument("--no-tsne", action="store_true",
@@ -142,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.orchestration.config import load_config
     from bench.orchestration.execute import run_grid
+    from bench.orchestration.slices import select_entries
     from bench.orchestration.status import cell_statuses
 
-    config = load_config(config_path(args.config), args.overrides)
+    config = select_entries(load_config(config_path(args.config), args.overrides), args.only)
     run_dir = Path(args.out) if args.out else Path("results") / str(config.name)  # a validated plain name
     paths = _data_paths(args)
     if args.dry_run:

@@ -21,17 +21,15 @@ GRID = {
     "train": {"epochs": 1, "batch_size": 128, "lr": 0.05, "milestones": [], "flip": False},
     "tsne": {"per_class": 4, "poisoned_per_class": 2},
 }
-SLICINGS = {
-    "attacks": ["attacks=[badnets]", "attacks=[{name: blended, alpha: 0.2}]"],
-    "defenses": ["defenses=[none]", "defenses=[{name: shrinkpad, pad: [2, 4]}]"],
+SLICINGS = {  # two slices of GRID each way: --only keeps the file's entries, --set replaces them
+    "attacks": [["--only", "attacks=badnets"], ["--only", "attacks=blended"]],
+    "defenses": [["--only", "defenses=none"], ["--set", "defenses=[{name: shrinkpad, pad: [2, 4]}]"]],
 }
 
 
-def _run(tmp: Path, out: str, *overrides: str, tsne: bool = True) -> Path:
+def _run(tmp: Path, out: str, *options: str, tsne: bool = True) -> Path:
     argv = ["run", str(tmp / "grid.yaml"), "--out", str(tmp / out), "--cache-dir", str(tmp / "cache"), "--workers", "1"]
-    for item in overrides:
-        argv += ["--set", item]
-    assert main(argv + ([] if tsne else ["--no-tsne"])) == 0
+    assert main(argv + list(options) + ([] if tsne else ["--no-tsne"])) == 0
     return tmp / out
 
 
@@ -42,8 +40,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (tmp / "grid.yaml").write_text(yaml.safe_dump(GRID, sort_keys=False))
     dirs = {"whole": _run(tmp, "whole", tsne=False), "tmp": tmp}
     for axis, (first, second) in SLICINGS.items():
-        dirs[f"{axis}-1"] = _run(tmp, f"{axis}-1", first)
-        dirs[f"{axis}-2"] = _run(tmp, f"{axis}-2", second)
+        dirs[f"{axis}-1"] = _run(tmp, f"{axis}-1", *first)
+        dirs[f"{axis}-2"] = _run(tmp, f"{axis}-2", *second)
     return dirs
 
 
@@ -80,7 +78,7 @@ def test_the_merged_report_shows_every_slices_figures(runs):
 
 
 def test_slices_with_another_training_setting_are_refused(runs, capsys):
-    other = _run(runs["tmp"], "other-epochs", "attacks=[{name: blended, alpha: 0.2}]", "train.epochs=2", tsne=False)
+    other = _run(runs["tmp"], "other-epochs", "--only", "attacks=blended", "--set", "train.epochs=2", tsne=False)
     capsys.readouterr()
     out = runs["tmp"] / "refused-epochs"
     assert _merge(runs["attacks-1"], other, out=out) == 2
@@ -129,3 +127,24 @@ def test_out_must_be_new_empty_or_an_earlier_merge(runs, capsys, tmp_path):
 def test_several_run_directories_without_out_are_refused(runs, capsys):
     assert main(["table", str(runs["attacks-1"]), str(runs["attacks-2"])]) == 2
     assert "give --out DIR" in capsys.readouterr().err
+
+
+def test_only_keeps_the_grid_files_entries_with_their_parameters(runs):
+    record = json.loads(next((runs["attacks-2"] / "records").glob("*.json")).read_text())
+    assert record["config"]["attacks"] == [{"name": "blended", "params": {"alpha": 0.2}, "label": None}]
+    assert {r["attack_params"]["alpha"] for r in map(json.loads, map(Path.read_text,
+            (runs["attacks-2"] / "records").glob("*.json")))} == {0.2}  # fmt: skip
+
+
+@pytest.mark.parametrize(("only", "message"), [
+    ("attacks=wanet", "--only attacks: no entry is called 'wanet'; the grid's attacks: badnets, blended"),
+    ("poison=0.1", "--only expects KEY=NAME[,NAME...] with KEY one of"),
+    ("attacks=", "--only expects KEY=NAME[,NAME...]"),
+])  # fmt: skip
+def test_only_refuses_what_selects_nothing(runs, capsys, only, message):
+    argv = ["run", str(runs["tmp"] / "grid.yaml"), "--only", only, "--out", str(runs["tmp"] / "never"),
+            "--cache-dir", str(runs["tmp"] / "cache")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (runs["tmp"] / "never").exists()
