@@ -97,6 +97,16 @@ def test_poison_to_target_measures_the_nearest_centroid() -> None:
     assert poison_to_target(benign, labels, np.array([[1.0, 0.0]]), 1) == 0.0
 
 
+def test_embed_of_features_a_defense_made_constant_is_one_point() -> None:
+    """A U-Net whose output is constant gives every image the same features: one point, no
+    NaN from the zero variance (scikit-learn's Barnes-Hut t-SNE crashed the process on them)."""
+    points = np.tile(np.linspace(-1, 1, 64, dtype=np.float32), (80, 1))
+    out = embed(points, seed=0)
+    assert out.shape == (80, 2) and np.isfinite(out).all() and np.ptp(out, axis=0).max() == 0
+    with pytest.raises(BenchError, match="NaN or infinity"):
+        embed(np.where(np.eye(80, 64) > 0, np.nan, points), seed=0)
+
+
 def test_embed_is_deterministic_2d() -> None:
     points = np.random.default_rng(0).normal(size=(60, 80))
     a, b = embed(points, 3), embed(points, 3)

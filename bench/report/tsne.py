@@ -165,6 +165,13 @@ def poison_to_target(benign_f: np.ndarray, benign_y: np.ndarray, poison_f: np.nd
 def embed(points: np.ndarray, seed: int) -> np.ndarray:
     """2-D t-SNE: openTSNE when installed (much faster on thousands of points), else scikit-learn."""
     points = np.asarray(points, dtype=np.float64)
+    if not np.isfinite(points).all():
+        raise BenchError("the saved features hold NaN or infinity; no t-SNE of them")
+    if np.ptp(points, axis=0).max(initial=0.0) == 0:
+        # Every input mapped to one feature vector (a defense whose output is constant): one
+        # point is the faithful picture, and scikit-learn's PCA and Barnes-Hut t-SNE divide by
+        # the zero variance (NaNs, then a crash of the whole process).
+        return np.zeros((points.shape[0], 2))
     perplexity = float(min(30.0, max(2.0, (points.shape[0] - 1) / 3.5)))
     if points.shape[1] > PCA_DIMS and points.shape[0] > PCA_DIMS:
         from sklearn.decomposition import PCA
