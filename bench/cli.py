@@ -149,13 +149,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.orchestration.slices import select_entries
     from bench.orchestration.status import cell_statuses
 
-    config = select_entries(load_config(config_path(args.config), args.overrides), args.only)
+    whole = load_config(config_path(args.config), args.overrides)
+    config = select_entries(whole, args.only)
     run_dir = Path(args.out) if args.out else Path("results") / str(config.name)  # a validated plain name
     paths = _data_paths(args)
     if args.dry_run:
         from bench.orchestration.dryrun import describe_plan
 
-        print(describe_plan(config, run_dir, paths.cache_dir, paths.data_root))
+        print(describe_plan(config, run_dir, paths.cache_dir, paths.data_root, whole=whole if args.only else None))
         return 0
     start = time.perf_counter()
     cells, computed, markdown = run_grid(config, run_dir, paths, args.device, tsne=not args.no_tsne,

@@ -12,6 +12,7 @@ Defenses without a measured rate are listed, not guessed. The result is an estim
 
     python benchmarks/grid_walltime.py measure [CONFIG] [--csv FILE]
     python benchmarks/grid_walltime.py estimate configs/cifar10_paper.yaml --training-csv T.csv --refine-csv R.csv
+    python benchmarks/grid_walltime.py estimate configs/cifar10_paper_fast.yaml   # rates in results/reference/
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ def read_rows(path: Path | None) -> list[dict[str, str]]:
 
 def estimate(args: argparse.Namespace) -> None:
     config = load_config(Path(args.config))
+    if args.training_csv is None:  # the measured rates kept with the reference runs
+        from bench.orchestration.dryrun import walltime_lines
+
+        print("\n".join(walltime_lines([("the whole grid", config, fresh_plan(config))], args.reference)))
+        return
     recipe = config.train
     # The jobs a fresh run would plan: the same counting as `run_bench.py run --dry-run`.
     jobs = list(fresh_plan(config))
@@ -172,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--csv", type=Path, help="also write the row to this CSV file")
     e = sub.add_parser("estimate", help="estimate a grid's wall time from the throughput benchmarks' CSVs")
     e.add_argument("config", help="grid YAML, e.g. configs/cifar10_paper.yaml")
-    e.add_argument("--training-csv", type=Path, required=True, help="written by benchmarks/training.py --csv")
+    e.add_argument("--training-csv", type=Path,
+                   help="written by benchmarks/training.py --csv (default: every benchmark CSV under --reference, "
+                        "one estimate per measured device, as `run --dry-run` prints it)")
+    e.add_argument("--reference", type=Path, default=REPO / "results" / "reference",
+                   help="folder of measured throughput CSVs (default: results/reference)")
     e.add_argument("--refine-csv", type=Path, help="written by benchmarks/refine_fit.py --csv")
     e.add_argument("--csv", type=Path, help="also write the estimate to this CSV file")
     return parser

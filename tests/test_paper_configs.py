@@ -36,6 +36,5 @@ def test_the_paper_grid_has_its_seven_attacks_and_six_defense_columns():
     paper = load_config(CONFIGS / "cifar10_paper.yaml")
     assert [a.name for a in paper.attacks] == ["badnets", "blended", "wanet", "physical_ba", "batt",
                                                "label_consistent", "adaptive_patch"]  # fmt: skip
-    assert [d.name for d in paper.defenses] == ["none", "shrinkpad", "bdmae", "btidbf", "btidbf", "refine"]
-    assert sorted(d.params.get("mode") for d in paper.defenses if d.name == "btidbf") == ["purify", "unlearn"]
+    assert [d.name for d in paper.defenses] == ["none", "shrinkpad", "bdmae", "btidbf_u", "btidbf_p", "refine"]
     assert [m.name for m in paper.models] == ["cifar_resnet18"]

@@ -29,7 +29,7 @@ from benchmarks.common import random_subset, recipe_settings
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_ATTACKS = ["badnets", "blended", "wanet", "physical_ba", "batt", "label_consistent", "adaptive_patch"]
-PAPER_DEFENSES = ["none", "shrinkpad", "bdmae", "btidbf", "btidbf", "refine"]
+PAPER_DEFENSES = ["none", "shrinkpad", "bdmae", "btidbf_u", "btidbf_p", "refine"]
 
 
 @pytest.fixture(autouse=True)
