@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="rebuild and print the tables of a run directory, or merge several",
                            description="Rebuild cells.csv and table.{md,csv,tex} from a run's records. With --out, "
                                        "merge the records of one or more run directories (slices of one grid, "
-                                       "e.g. run with --set 'attacks=[...]') into a new run directory with one "
+                                       "e.g. run with --only attacks=...) into a new run directory with one "
                                        "cells.csv, table.{md,csv,tex}, figures and report.html. Slices whose "
                                        "configurations differ in anything but attacks, defenses and seeds, or "
                                        "that hold one cell with different numbers, are refused.")
