@@ -4,8 +4,9 @@ Decoupling Benign Features"): invert the backdoor by decoupling benign features,
 The model is split at its last spatial feature map, ``f = f2 o f1`` (:meth:`Classifier.feature_map`
 and :meth:`Classifier.head_from_map`). On the defender's benign data (5% of the training set):
 
-0. **Generator.** A U-Net G (base 32, 4 levels, instance norm, leaky ReLU, no output
-   activation) is pre-trained towards the identity: same predictions (soft-label cross-entropy),
+0. **Generator.** The public code's U-Net G (:func:`bench.nn.unet.btidbf_unet`: base 32,
+   4 levels and a 512-channel bottleneck, instance norm, leaky ReLU 0.01, transposed-convolution
+   upsampling, no output activation) is pre-trained towards the identity: same predictions (soft-label cross-entropy),
    same features, and a small image distance (weight 100 while the normalised MSE is > 0.1, else 0.01).
    Instance norm discards each image's channel means, so G reaches the identity only slowly
    (normalised MSE 0.37 after 400 steps at base 8, against 0.14 for batch norm after 100):
@@ -55,7 +56,7 @@ from bench.core.params import PluginParams
 from bench.core.registry import DEFENSES
 from bench.core.seeding import derive_seed, generator
 from bench.nn import augment
-from bench.nn.unet import UNet
+from bench.nn.unet import btidbf_unet
 from defenses.base import Defense, DefenseContext
 
 # --------------------------------------------------------------------------- building blocks
@@ -131,6 +132,7 @@ class BTIDBF(Defense):
     """Backdoor trigger inversion by decoupling benign features; unlearning (U) or purification (P)."""
 
     trainable = True
+    version = 2  # the public code's generator (transposed-convolution decoder, 2x bottleneck)
 
     class Params(PluginParams):
         mode: Literal["unlearn", "purify"] = Field("unlearn", description="unlearn (U): fine-tune a copy of the model; purify (P): train an input purifier")
@@ -191,11 +193,10 @@ class BTIDBF(Defense):
         return self.model
 
     def new_generator(self) -> PixelGenerator:
-        """G or P: the public code's U-Net (leaky ReLU, raw output; instance norm by default)."""
+        """G or P: the public code's U-Net (:func:`bench.nn.unet.btidbf_unet`; instance norm by default)."""
         p = self.params
         channels = self._frozen.normalize.mean.shape[1]
-        unet = UNet(channels, channels, base=p.generator_base, depth=p.generator_depth, norm=p.generator_norm,
-                    activation="leaky_relu")  # fmt: skip
+        unet = btidbf_unet(channels, base=p.generator_base, depth=p.generator_depth, norm=p.generator_norm)
         return PixelGenerator(unet, self._frozen.normalize.mean, self._frozen.normalize.std).to(self.device)
 
     def _epoch(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
@@ -330,7 +331,8 @@ class BTIDBF(Defense):
             self.pretrain_generator(g, x, generator(self.seed, "btidbf-pretrain", device=self.device))
             return {k: v.detach().cpu() for k, v in g.state_dict().items()}
 
-        parts = {name: getattr(p, name) for name in ("generator_base", "generator_depth", "generator_norm",
+        parts = {"version": self.version}
+        parts |= {name: getattr(p, name) for name in ("generator_base", "generator_depth", "generator_norm",
                                                      "pretrain_epochs", "gen_lr", "batch_size", "crop_padding", "flip")}  # fmt: skip
         artifact = self.ctx.cached("btidbf-generator", parts, build, scope="model")
         g = self.new_generator()

@@ -1,23 +1,36 @@
 """One configurable U-Net, shared by the defenses that learn an image-to-image map.
 
-REFINE's input transformation and BTI-DBF's trigger generator / purifier are both U-Nets that
-differ only in width, normalisation and activation, so they share this module instead of each
-carrying its own copy. Both use the raw output of the last 1x1 convolution (their callers clamp
-it to the pixel range).
+REFINE's input transformation and BTI-DBF's trigger generator / purifier are both U-Nets: an
+encoder of (two 3x3 convolutions -> norm -> activation) blocks separated by 2x2 max-pooling, a
+decoder that upsamples, concatenates the skip connection of the same resolution and applies
+another such block, and a 1x1 output convolution whose raw output the callers use. They differ
+in widths, in how the decoder upsamples and sizes its blocks, and in norm and activation -- all
+constructor arguments here, with one preset per public implementation:
 
-Shape: ``depth`` down levels and ``depth`` up levels. With base width ``c`` and the default
-``depth=4`` the encoder widths are ``c, 2c, 4c, 8c`` and the bottleneck is ``8c`` (the widths
-``c, 2c, 4c, 8c, 8c`` of the bilinear U-Net). Each decoder level upsamples bilinearly (no
-transposed convolution), concatenates the skip connection of the same resolution and applies
-two 3x3 convolutions, halving the width back down to ``c``; a 1x1 convolution maps to the
-output channels.
+- :func:`refine_unet` -- the REFINE code's ``UNetLittle`` (after milesial's Pytorch-UNet with
+  bilinear upsampling): encoder widths ``c, 2c, 4c, 8c`` and an ``8c`` bottleneck; bilinear
+  upsampling with ``align_corners=True`` (no weights); decoder blocks whose first convolution
+  halves their input width (``16c -> 8c -> 4c``, ``8c -> 4c -> 2c``, ``4c -> 2c -> c``,
+  ``2c -> c -> c``); batch norm and ReLU. 17,267,523 parameters at c = 64 on RGB images.
+- :func:`btidbf_unet` -- the BTI-DBF code's generator (``UNet(base_filter_num=32,
+  num_blocks=4)``): encoder widths ``b, 2b, 4b, 8b`` (capped at 512) and a bottleneck of twice
+  the last (512 at b = 32); each decoder level upsamples with a 3x3 stride-2 transposed
+  convolution (+ activation) that keeps the width and lands on the skip's width; instance norm
+  (affine) and leaky ReLU with slope 0.01. 10,987,011 parameters at b = 32 on RGB images: the
+  reference module holds 14,121,411, of which 3,134,400 belong to an interpolation branch of its
+  decoder blocks that its forward pass never uses (so they are not built here).
+
+Every convolution has a bias, as in both references (also before a norm, where it is redundant),
+so the parameter counts match theirs.
 
 Any input size works: the input is replicate-padded up to a multiple of ``2**depth`` and the
-output cropped back, so 28-px MNIST never reaches a 1x1 map (where instance norm is undefined).
+output cropped back, so 28-px MNIST never reaches a 1x1 map (where instance norm is undefined)
+and every upsampling is an exact 2x.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -26,9 +39,13 @@ from torch import Tensor, nn
 
 Norm = Literal["batch", "instance", "none"]
 Activation = Literal["relu", "leaky_relu"]
+Upsample = Literal["bilinear", "transposed"]
+DecoderMid = Literal["output", "half_input"]
 
 _NORMS = ("batch", "instance", "none")
 _ACTIVATIONS = ("relu", "leaky_relu")
+_UPSAMPLES = ("bilinear", "transposed")
+_MIDS = ("output", "half_input")
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -44,64 +61,86 @@ def _activation(kind: str, negative_slope: float) -> nn.Module:
 
 
 class ConvBlock(nn.Sequential):
-    """Two (3x3 conv -> norm -> activation) layers; the conv has no bias when a norm follows."""
+    """Two (3x3 conv -> norm -> activation) layers, ``cin -> mid -> cout`` (``mid`` defaults to ``cout``)."""
 
-    def __init__(self, cin: int, cout: int, norm: str, activation: str, negative_slope: float) -> None:
-        bias = norm == "none"
+    def __init__(self, cin: int, cout: int, norm: str, activation: str, negative_slope: float,
+                 mid: int | None = None) -> None:  # fmt: skip
+        mid = cout if mid is None else mid
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=bias), _norm(norm, cout), _activation(activation, negative_slope),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=bias), _norm(norm, cout), _activation(activation, negative_slope),
+            nn.Conv2d(cin, mid, 3, padding=1), _norm(norm, mid), _activation(activation, negative_slope),
+            nn.Conv2d(mid, cout, 3, padding=1), _norm(norm, cout), _activation(activation, negative_slope),
         )  # fmt: skip
 
 
+class UpLevel(nn.Module):
+    """One decoder level: upsample the deeper map 2x, concatenate ``[skip, upsampled]``, a ConvBlock."""
+
+    def __init__(self, cin: int, skip: int, cout: int, mid: int, upsample: str, norm: str, activation: str,
+                 negative_slope: float) -> None:  # fmt: skip
+        super().__init__()
+        self.up: nn.Module | None = None
+        if upsample == "transposed":
+            self.up = nn.Sequential(nn.ConvTranspose2d(cin, cin, 3, stride=2, padding=1, output_padding=1),
+                                    _activation(activation, negative_slope))  # fmt: skip
+        self.block = ConvBlock(cin + skip, cout, norm, activation, negative_slope, mid)
+
+    def forward(self, z: Tensor, skip: Tensor) -> Tensor:
+        if self.up is None:
+            z = F.interpolate(z, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+        else:
+            z = self.up(z)
+        return self.block(torch.cat([skip, z], dim=1))
+
+
 class UNet(nn.Module):
-    """Encoder-decoder with skip connections and bilinear upsampling (see the module docstring).
+    """Encoder-decoder with skip connections (see the module docstring and its two presets).
 
     Args:
         in_channels / out_channels: image channels in and out.
-        base: width ``c`` of the first level.
-        depth: number of down (and up) levels; widths are ``c * 2**i`` capped at ``c * 2**(depth-1)``.
+        encoder: widths of the stem and of each down level; the last is the bottleneck, so
+            ``len(encoder) - 1`` is the depth (the number of 2x poolings).
+        decoder: output width of each up level, deepest first (``len(encoder) - 1`` of them).
+        upsample: ``bilinear`` (``align_corners=True``, no weights) or ``transposed`` (a 3x3
+            stride-2 transposed convolution keeping the width, then the activation).
+        decoder_mid: width between a decoder block's two convolutions: ``output`` (its output
+            width) or ``half_input`` (half of its concatenated input width).
         norm: ``batch``, ``instance`` (affine) or ``none``.
         activation: ``relu`` or ``leaky_relu`` (with ``negative_slope``).
     """
 
     def __init__(
         self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        base: int = 64,
-        depth: int = 4,
+        in_channels: int,
+        out_channels: int,
+        encoder: Sequence[int],
+        decoder: Sequence[int],
+        upsample: Upsample = "bilinear",
+        decoder_mid: DecoderMid = "output",
         norm: Norm = "batch",
         activation: Activation = "relu",
-        negative_slope: float = 0.2,
+        negative_slope: float = 0.01,
     ) -> None:
         super().__init__()
-        if norm not in _NORMS:
-            raise ValueError(f"unet norm must be one of {_NORMS}, got {norm!r}")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"unet activation must be one of {_ACTIVATIONS}, got {activation!r}")
-        if base < 1 or depth < 1:
-            raise ValueError(f"unet base and depth must be >= 1, got base={base}, depth={depth}")
-        self.depth = depth
+        for name, value, allowed in (("norm", norm, _NORMS), ("activation", activation, _ACTIVATIONS),
+                                     ("upsample", upsample, _UPSAMPLES), ("decoder_mid", decoder_mid, _MIDS)):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"unet {name} must be one of {allowed}, got {value!r}")
+        encoder, decoder = list(encoder), list(decoder)
+        if len(encoder) < 2 or len(decoder) != len(encoder) - 1 or min(encoder + decoder) < 1:
+            raise ValueError(f"unet needs >= 2 positive encoder widths and one positive decoder width per down "
+                             f"level, got encoder={encoder}, decoder={decoder}")  # fmt: skip
+        self.depth = len(decoder)
 
         def block(cin: int, cout: int) -> ConvBlock:
             return ConvBlock(cin, cout, norm, activation, negative_slope)
 
-        widths = [base * 2**i for i in range(depth)]  # c, 2c, 4c, 8c for depth 4
-        self.stem = block(in_channels, widths[0])
-        # Down level i halves the resolution; the last one keeps the width (the 8c bottleneck).
-        downs = [widths[i + 1] for i in range(depth - 1)] + [widths[-1]]
-        self.down = nn.ModuleList()
-        cin = widths[0]
-        for cout in downs:
-            self.down.append(block(cin, cout))
-            cin = cout
-        # Up level j concatenates the skip of width widths[-1-j] and lands on the next width down.
+        self.stem = block(in_channels, encoder[0])
+        self.down = nn.ModuleList(block(cin, cout) for cin, cout in zip(encoder[:-1], encoder[1:]))
         self.up = nn.ModuleList()
-        for j in range(depth):
-            skip = widths[depth - 1 - j]
-            cout = widths[depth - 2 - j] if j < depth - 1 else widths[0]
-            self.up.append(block(cin + skip, cout))
+        cin = encoder[-1]
+        for skip, cout in zip(reversed(encoder[:-1]), decoder):
+            mid = (cin + skip) // 2 if decoder_mid == "half_input" else cout
+            self.up.append(UpLevel(cin, skip, cout, mid, upsample, norm, activation, negative_slope))
             cin = cout
         self.out = nn.Conv2d(cin, out_channels, 1)
 
@@ -117,6 +156,19 @@ class UNet(nn.Module):
             skips.append(z)
             z = down(F.max_pool2d(z, 2))
         for up, skip in zip(self.up, reversed(skips), strict=True):
-            z = F.interpolate(z, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            z = up(torch.cat([skip, z], dim=1))
+            z = up(z, skip)
         return self.out(z)[..., :h, :w]
+
+
+def refine_unet(channels: int, base: int) -> UNet:
+    """REFINE's input transformation: the public code's ``UNetLittle`` with first width ``base`` (c)."""
+    c = base
+    return UNet(channels, channels, encoder=[c, 2 * c, 4 * c, 8 * c, 8 * c], decoder=[4 * c, 2 * c, c, c],
+                upsample="bilinear", decoder_mid="half_input", norm="batch", activation="relu")  # fmt: skip
+
+
+def btidbf_unet(channels: int, base: int = 32, depth: int = 4, norm: Norm = "instance") -> UNet:
+    """BTI-DBF's generator and purifier: the public code's U-Net with ``base`` filters and ``depth`` blocks."""
+    widths = [min(base * 2**i, 512) for i in range(depth)]
+    return UNet(channels, channels, encoder=[*widths, 2 * widths[-1]], decoder=widths[::-1], upsample="transposed",
+                decoder_mid="output", norm=norm, activation="leaky_relu", negative_slope=0.01)  # fmt: skip
