@@ -2,10 +2,11 @@
 
 The frozen, possibly backdoored model ``f`` is wrapped between two learned/fixed modules:
 
-- an **input transformation** ``T``: a U-Net (:class:`bench.nn.unet.UNet`, widths c..8c; by default
-  the paper's c = 64 for small images such as CIFAR's 32 px and c = 32 for 224-px ones) whose
-  output is clamped to [0, 1] and fed to ``f``. Models take [0, 1] images and normalise inside
-  (see :mod:`bench.core.models`), so ``T`` works in plain pixel space on both sides;
+- an **input transformation** ``T``: the public code's U-Net (:func:`bench.nn.unet.refine_unet`,
+  widths c..8c; by default the paper's c = 64 for small images such as CIFAR's 32 px and c = 32
+  for 224-px ones) whose output is clamped to [0, 1] and fed to ``f``. Models take [0, 1] images
+  and normalise inside (see :mod:`bench.core.models`), so by default (``io_space: pixel``, as the
+  paper describes it) ``T`` works in plain pixel space on both sides;
 - an **output mapping** ``pi``: a fixed random permutation of the K classes with no fixed point
   (a derangement). The remapped score vector puts ``f``'s score of class ``j`` at ``pi(j)``.
 
@@ -23,10 +24,21 @@ whose arg-max is exactly that label.
 Faithful details (from the paper and its public code): the pseudo-label is computed on the same
 augmented image that ``T`` sees; augmentation is random resized crop (0.8-1.0), horizontal flip,
 random grayscale 0.2; the contrastive loss contrasts two copies of each transformed image, as
-the public code does (each image is its own extra positive); the ragged last batch is dropped.
-``classification_loss: bce`` selects the public code's binary cross-entropy on the remapped
-softmax instead of the paper's cross-entropy, and ``optimizer: adam`` the Adam optimiser of the
-BackdoorBox implementation instead of the paper's SGD.
+the public code does (each image is its own extra positive); the ragged last batch is dropped;
+without explicit ``milestones`` the lr is multiplied by ``gamma`` after epochs ``epochs - 50``
+and ``epochs - 20``, the public code's rule ([100, 130] at 150 epochs; see :func:`milestones_for`).
+
+Where the public code differs from the paper's text, its choice is one value away:
+
+- ``io_space: normalized`` -- the public code feeds ``T`` the *normalised* image and hands its
+  clamped [0, 1] output to ``f`` *as if it were normalised*, so in pixel terms ``f`` only ever
+  sees ``mean + std * clamp(T(x), 0, 1)``: values between the channel mean and mean + std.
+  Here ``T`` gets ``(x - mean) / std`` (the model's own statistics) and its clamped output is
+  mapped to exactly those pixels before the model normalises them again; the contrastive loss
+  sees the clamped output, as there;
+- ``classification_loss: bce`` -- binary cross-entropy on the remapped softmax against the
+  one-hot pseudo-label instead of the paper's cross-entropy;
+- ``optimizer: adam`` -- the Adam optimiser of the BackdoorBox implementation instead of SGD.
 
 Ablations are parameters: ``remap: false`` (identity output mapping; the loss then asks ``T`` to
 keep ``f``'s prediction) and ``supcon_weight: 0`` (no contrastive term).
@@ -41,7 +53,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveInt, field_validator
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bench.core.data import ImageSet
@@ -53,8 +65,8 @@ from bench.core.seeding import derive_seed, generator
 from bench.nn import augment
 from bench.nn.losses import supcon_loss
 from bench.nn.train import TrainRecipe, make_scheduler
-from bench.nn.unet import UNet
-from defenses.base import Defense
+from bench.nn.unet import UNet, refine_unet
+from defenses.base import Defense, DefenseContext
 
 
 def derangement(k: int, gen: torch.Generator) -> Tensor:
@@ -81,6 +93,19 @@ def unmap(scores: Tensor, perm: Tensor) -> Tensor:
     return scores[..., perm.to(scores.device)]
 
 
+def milestones_for(epochs: int, given: list[int] | None = None) -> list[int]:
+    """The epochs after which the lr decays: ``given``, else the public code's ``[epochs - 50, epochs - 20]``.
+
+    For fits of 50 epochs or fewer the rule yields milestones <= 0; those are dropped (a fit of
+    21-50 epochs decays once, at ``epochs - 20``; one of 20 or fewer never), which is what the
+    public code's scheduler does with negative milestones. (A milestone of exactly 0 would there
+    decay the lr before the first step; dropping it keeps the configured lr instead.)
+    """
+    if given is not None:
+        return list(given)
+    return [m for m in (epochs - 50, epochs - 20) if m > 0]
+
+
 def refine_augment(x: Tensor, gen: torch.Generator, crop_scale: tuple[float, float], flip: bool,
                    grayscale: float) -> Tensor:  # fmt: skip
     """REFINE's train-time augmentation, per image: resized crop, flip, grayscale."""
@@ -95,6 +120,7 @@ class Refine(Defense):
     """U-Net input transformation + fixed derangement of the labels, trained label-free (REFINE)."""
 
     trainable = True
+    version = 2  # the public code's U-Net (UNetLittle), io_space, the milestone rule
 
     class Params(PluginParams):
         width: int | None = Field(None, ge=1, description="U-Net base width c; null: 64 up to 64-px images, else 32 (the paper's)")
@@ -104,12 +130,16 @@ class Refine(Defense):
         lr: float = Field(0.01, gt=0, description="learning rate")
         momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Adam: beta1)")
         weight_decay: float = Field(5e-4, ge=0, description="weight decay")
-        milestones: list[PositiveInt] = Field([100, 130], description="epochs after which the lr is multiplied by gamma")
+        milestones: list[PositiveInt] | None = Field(
+            None, description="epochs after which the lr is multiplied by gamma; null: [epochs - 50, epochs - 20] (public code)")
         gamma: float = Field(0.8, gt=0, le=1, description="lr factor at each milestone")
         supcon_weight: float = Field(0.1, ge=0, description="weight lambda of the supervised contrastive term (0: ablation)")
         temperature: float = Field(0.07, gt=0, description="temperature of the contrastive loss")
         remap: bool = Field(True, description="use the output mapping (false: ablation, identity mapping)")
         classification_loss: Literal["ce", "bce"] = Field("ce", description="ce (the paper) or bce on the remapped softmax (public code)")
+        io_space: Literal["pixel", "normalized"] = Field(
+            "pixel", description="pixel: T maps pixels to pixels (the paper); normalized: T sees normalised images and its "
+            "clamped output is read as normalised, i.e. pixels in [mean, mean + std] (public code)")
         crop_scale: tuple[float, float] = Field((0.8, 1.0), description="area range [low, high] of the random resized crop")
         flip: bool = Field(True, description="random horizontal flip during training")
         grayscale: float = Field(0.2, ge=0, le=1, description="probability of a random grayscale image during training")
@@ -129,7 +159,18 @@ class Refine(Defense):
         super().__init__(params, **raw)
         self._unet: UNet | None = None
         self._perm: Tensor | None = None
+        self._stats: tuple[Tensor, Tensor] | None = None  # the model's (mean, std), io_space: normalized
         self._fit_loss = float("nan")
+
+    def bind(self, model: nn.Module, device: torch.device, seed: int = 0, ctx: DefenseContext | None = None) -> None:
+        self._stats = None
+        if self.params.io_space == "normalized":
+            norm = getattr(model, "normalize", None)
+            mean, std = getattr(norm, "mean", None), getattr(norm, "std", None)
+            if not (isinstance(mean, Tensor) and isinstance(std, Tensor)):
+                self.fail("io_space: normalized needs a model whose 'normalize' layer has 'mean' and 'std'")
+            self._stats = (mean.detach().to(device).view(1, -1, 1, 1), std.detach().to(device).view(1, -1, 1, 1))
+        super().bind(model, device, seed, ctx)
 
     # ------------------------------------------------------------------ modules
     def unet_width(self, image_size: int) -> int:
@@ -146,7 +187,7 @@ class Refine(Defense):
         """A U-Net initialised from the defense seed, so a fit is reproducible end to end."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, "refine-unet"))
-            unet = UNet(channels, channels, base=width)
+            unet = refine_unet(channels, width)
         return unet.to(self.device)
 
     def _draw_permutation(self, num_classes: int) -> Tensor:
@@ -163,12 +204,32 @@ class Refine(Defense):
         return remap(logits, self.permutation) if self.params.remap else logits
 
     # ------------------------------------------------------------------ the defended model
+    def _unet_input(self, x: Tensor) -> Tensor:
+        """What T sees of pixel images: the pixels, or (io_space: normalized) the normalised images."""
+        if self._stats is None:
+            return x
+        mean, std = self._stats
+        return (x - mean) / std
+
+    def _to_pixels(self, clamped: Tensor) -> Tensor:
+        """The pixel images the model gets for T's clamped output (read as normalised when io_space is)."""
+        if self._stats is None:
+            return clamped
+        mean, std = self._stats
+        return mean + std * clamped
+
+    def _clamped(self, x: Tensor) -> Tensor:
+        """clamp(T(input), 0, 1) for pixel images ``x``; the U-Net must exist."""
+        assert self._unet is not None
+        return self._unet(self._unet_input(x)).clamp(0, 1)
+
     def transform(self, x: Tensor) -> Tensor:
-        """clamp(T(x), 0, 1): what the frozen model sees (also what features()/t-SNE see)."""
+        """The pixel images the frozen model sees: clamp(T(x), 0, 1), or with io_space: normalized
+        ``mean + std * clamp(T((x - mean) / std), 0, 1)`` (also what features()/t-SNE see)."""
         if self._unet is None:
             raise BenchError("refine: fit() or load_state() the defense first")
         self._unet.eval()
-        return self._unet(x).clamp(0, 1)
+        return self._to_pixels(self._clamped(x))
 
     def predict(self, x: Tensor) -> Tensor:
         """Remapped logits: their arg-max is pi(argmax f(clamp(T(x))))."""
@@ -187,8 +248,8 @@ class Refine(Defense):
         assert self.model is not None and self._unet is not None
         with torch.no_grad():
             pseudo = self.model(x).argmax(1)
-        transformed = self._unet(x).clamp(0, 1)
-        scores = self._map(self.model(transformed))
+        transformed = self._clamped(x)  # what the contrastive term compares, as in the public code
+        scores = self._map(self.model(self._to_pixels(transformed)))
         if self.params.classification_loss == "ce":
             loss = F.cross_entropy(scores.float(), pseudo)
         else:
@@ -215,8 +276,8 @@ class Refine(Defense):
         batch = min(p.batch_size, n)
         steps = n // batch  # drop the ragged last batch, as the public code does
         recipe = TrainRecipe(epochs=p.epochs, batch_size=batch, lr=p.lr, momentum=p.momentum,
-                             weight_decay=p.weight_decay, schedule="multistep", milestones=p.milestones,
-                             gamma=p.gamma)  # fmt: skip
+                             weight_decay=p.weight_decay, schedule="multistep",
+                             milestones=milestones_for(p.epochs, p.milestones), gamma=p.gamma)  # fmt: skip
         optimizer = self._optimizer()
         scheduler = make_scheduler(optimizer, recipe, steps)
         gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
@@ -254,7 +315,7 @@ class Refine(Defense):
         works. The run goes on -- its metrics show the damage -- but the cause is named.
         """
         assert self._unet is not None
-        raw = self._unet(to_float(sample))
+        raw = self._unet(self._unet_input(to_float(sample)))
         live = float(((raw > 0) & (raw < 1)).float().mean())
         if live < 0.01:
             print(f"warning: refine: {100 * live:.1f}% of the U-Net's output pixels lie inside [0, 1] after "

@@ -16,7 +16,7 @@ from bench.orchestration.config import GridConfig
 from bench.orchestration.grid import compile_grid
 from bench.orchestration.runner import CellRunner
 from bench.orchestration.store import ArtifactStore
-from defenses.refine import Refine
+from defenses.refine import Refine, milestones_for
 
 CPU = torch.device("cpu")
 TINY = {"width": 4, "epochs": 1, "batch_size": 32}
@@ -198,6 +198,47 @@ def test_public_code_variants_train_too(digit_model, digits: ImageSet) -> None:
     assert any(not torch.equal(v, initial[k]) for k, v in defense.state()["unet"].items())
 
 
+def test_io_space_normalized_keeps_every_pixel_between_mean_and_mean_plus_std(digit_model, digits: ImageSet) -> None:
+    """The public code reads T's clamped output as a normalised image: in pixels, [mean, mean + std]."""
+    mean, std = digit_model.normalize.mean, digit_model.normalize.std
+    x = to_float(digits.x[:32])
+    normalized = fitted(digit_model, digits, io_space="normalized")
+    with torch.no_grad():
+        out = normalized.transform(x)
+        raw = normalized._unet((x - mean) / std)  # T sees the normalised image
+        assert torch.allclose(out, mean + std * raw.clamp(0, 1))
+        assert out.min() >= (mean - 1e-6).min() and out.max() <= (mean + std + 1e-6).max()
+        assert torch.isclose(out.min(), mean.min())  # the clamp's lower edge lands on the mean
+        assert torch.equal(normalized.predict(x).argmax(1), normalized.permutation[digit_model(out).argmax(1)])
+
+
+def test_io_space_normalized_needs_the_models_statistics() -> None:
+    defense = Refine(io_space="normalized")
+    with pytest.raises(BenchError, match="io_space: normalized needs"):
+        defense.bind(torch.nn.Linear(2, 2), CPU, 0)
+
+
+@pytest.mark.parametrize("epochs,want", [(150, [100, 130]), (200, [150, 180]), (60, [10, 40]), (50, [30]),
+                                         (21, [1]), (20, []), (1, [])])  # fmt: skip
+def test_default_milestones_follow_the_public_rule_and_drop_non_positive_ones(epochs: int, want: list[int]) -> None:
+    assert milestones_for(epochs) == want
+    assert milestones_for(epochs, [3, 7]) == [3, 7]  # explicit milestones always win
+
+
+def test_a_fit_decays_the_lr_at_the_default_milestones(digit_model, digits: ImageSet, monkeypatch) -> None:
+    """60 epochs: decays after epochs 10 and 40 (here in steps: 4 images a batch, 1 step an epoch)."""
+    seen: list[list[int]] = []
+    real = torch.optim.lr_scheduler.MultiStepLR.__init__
+
+    def spy(self, optimizer, milestones, *args, **kwargs):
+        seen.append(sorted(milestones))
+        real(self, optimizer, milestones, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.MultiStepLR, "__init__", spy)
+    fitted(digit_model, digits.subset(torch.arange(4)), epochs=60, batch_size=4)
+    assert seen == [[10, 40]]
+
+
 class _Constant(torch.nn.Module):
     """Stands in for a U-Net whose output left [0, 1] (or, with value 0.5, one that did not)."""
 
@@ -216,3 +257,17 @@ def test_a_fit_whose_output_left_the_pixel_range_is_named(value: float, warns: b
     defense._warn_if_saturated(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
     err = capsys.readouterr().err
     assert ("0.0% of the U-Net's output pixels lie inside [0, 1]" in err) is warns
+
+
+@pytest.mark.parametrize("value", [-2.0, 0.3, 5.0])
+def test_the_two_io_spaces_map_the_same_output_to_different_pixels(digit_model, value: float) -> None:
+    """An output clamped to 0 or 1 is pixel 0 or 1 in the paper's pixel space, mean or mean + std in
+    the public code's normalised one; values inside [0, 1] are scaled into the band."""
+    mean, std = float(digit_model.normalize.mean), float(digit_model.normalize.std)
+    clamped = min(max(value, 0.0), 1.0)
+    for io_space, want in (("pixel", clamped), ("normalized", mean + std * clamped)):
+        defense = Refine(width=4, io_space=io_space)
+        defense.bind(digit_model, CPU, 0)
+        defense._unet = _Constant(value)
+        out = defense.transform(torch.rand(2, 1, 8, 8))
+        assert torch.allclose(out, torch.full_like(out, want))
