@@ -25,12 +25,18 @@ and :meth:`Classifier.head_from_map`). On the defender's benign data (5% of the 
    second round G is also pushed towards the detected target):
    - (U) *unlearning*: fine-tune a copy of the model (Adam 1e-4) on batches where 10% of the
      images are replaced by G(x), with their labels, plus a feature-consistency term;
-   - (P) *purification*: train a purifier U-Net P (initialised at the identity generator) with
-     the same mixed batches through the frozen model; predict ``f(P(x + noise))``.
+   - (P) *purification*: train a purifier U-Net P (initialised at the identity generator) on
+     the mixed batches plus Gaussian ``noise`` through the frozen model: CE, the distance
+     between the features of P(mixed + noise) and those of the *clean* batch, and the image
+     fidelity MSE(P(mixed + noise), x) weighted 100 while above ``purify_norm_bound`` (0.05),
+     else 1; predict ``f(P(x + noise))``. In (P) the mask, the inversion and the target
+     detection use the frozen model; from the second round G's images pass through P during
+     the inversion (the public code's ``pur_gen(bd_gen(x))``).
 
 All image distances and the ``noise`` (0.03) live in the classifier's normalised input space, as
-in the public code (so its bounds 0.3 and 3 keep their meaning); G and P map images in [0, 1]
-to images in [0, 1] (clamped) so the rest of the harness sees plain pixels.
+in the public code (so its bounds 0.3, 3 and 0.05 keep their meaning). G and P take and return
+pixel images; their output is not clamped to [0, 1] -- in the public code nothing clamps
+between the generator and the classifier -- unless ``clamp_output: true``.
 
 Labels: the public code trains the mask and the unlearning/purification with the benign set's
 true labels; ``use_labels: false`` uses the frozen model's predictions instead (label-free).
@@ -63,11 +69,16 @@ from defenses.base import Defense, DefenseContext
 
 
 class PixelGenerator(nn.Module):
-    """A U-Net applied in the classifier's normalised space: images in [0, 1] -> images in [0, 1]."""
+    """A U-Net applied in the classifier's normalised space: pixel images in, pixel images out.
 
-    def __init__(self, unet: nn.Module, mean: Tensor, std: Tensor) -> None:
+    The output is the U-Net's raw output mapped back to pixels -- not clamped to [0, 1] unless
+    ``clamp``: in the public code G's and P's outputs go to the classifier as they are.
+    """
+
+    def __init__(self, unet: nn.Module, mean: Tensor, std: Tensor, clamp: bool = False) -> None:
         super().__init__()
         self.unet = unet
+        self.clamp = clamp
         self.register_buffer("mean", mean.detach().clone().view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.detach().clone().view(1, -1, 1, 1), persistent=False)
 
@@ -75,11 +86,18 @@ class PixelGenerator(nn.Module):
         z = (x - self.mean) / self.std
         if noise > 0:
             z = z + noise * torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
-        return (self.unet(z) * self.std + self.mean).clamp(0, 1)
+        out = self.unet(z) * self.std + self.mean
+        return out.clamp(0, 1) if self.clamp else out
 
     def normalised_mse(self, a: Tensor, b: Tensor) -> Tensor:
         """MSE between two image batches measured in the normalised space."""
         return ((a - b) / self.std).pow(2).mean()
+
+
+def fidelity_term(image_mse: Tensor, bound: float, above: float, below: float) -> Tensor:
+    """The public code's switched image-fidelity term: ``above * mse`` while the image MSE exceeds
+    ``bound`` (pull hard back towards the input), else ``below * mse``."""
+    return (above if image_mse.item() > bound else below) * image_mse
 
 
 def feature_mask(theta: Tensor) -> Tensor:
@@ -132,7 +150,7 @@ class BTIDBF(Defense):
     """Backdoor trigger inversion by decoupling benign features; unlearning (U) or purification (P)."""
 
     trainable = True
-    version = 2  # the public code's generator (transposed-convolution decoder, 2x bottleneck)
+    version = 2  # the public code's generator, unclamped output, (P)'s loss and inversion route
 
     class Params(PluginParams):
         mode: Literal["unlearn", "purify"] = Field("unlearn", description="unlearn (U): fine-tune a copy of the model; purify (P): train an input purifier")
@@ -153,10 +171,13 @@ class BTIDBF(Defense):
         norm_bound: float = Field(0.3, gt=0, description="largest image MSE (normalised space) of the inversion")
         feat_bound: float = Field(3.0, gt=0, description="largest benign-feature MSE of the inversion")
         noise: float = Field(0.03, ge=0, description="Gaussian noise (normalised space) added before G and P")
+        clamp_output: bool = Field(False, description="clamp G's and P's output images to [0, 1]; the public code does not")
         rounds: int = Field(5, ge=1, description="rounds of mask, inversion and defence")
         defend_epochs: int = Field(30, ge=0, description="epochs of unlearning or purifier training, per round")
         unlearn_lr: float = Field(1e-4, gt=0, description="Adam lr of the unlearning (U)")
         purify_lr: float = Field(1e-3, gt=0, description="Adam lr of the purifier (P)")
+        purify_norm_bound: float = Field(
+            0.05, gt=0, description="(P) image MSE (normalised space) above which the fidelity term weighs 100, else 1")
         poison_share: float = Field(0.1, gt=0, le=1, description="share of each defence batch replaced by G(x)")
         early_stop: bool = Field(False, description="stop when the detected target changes between rounds")
 
@@ -197,7 +218,8 @@ class BTIDBF(Defense):
         p = self.params
         channels = self._frozen.normalize.mean.shape[1]
         unet = btidbf_unet(channels, base=p.generator_base, depth=p.generator_depth, norm=p.generator_norm)
-        return PixelGenerator(unet, self._frozen.normalize.mean, self._frozen.normalize.std).to(self.device)
+        norm = self._frozen.normalize
+        return PixelGenerator(unet, norm.mean, norm.std, clamp=p.clamp_output).to(self.device)
 
     def _epoch(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         return batches(x, y, self.params.batch_size, gen, self.params.crop_padding, self.params.flip)
@@ -219,7 +241,7 @@ class BTIDBF(Defense):
                 feats = model.feature_map(out)
                 pixel = g.normalised_mse(out, images)
                 loss = F.cross_entropy(model.head_from_map(feats), clean_probs) + F.mse_loss(feats, clean_feats)
-                loss = loss + (100.0 if pixel.item() > 0.1 else 0.01) * pixel
+                loss = loss + fidelity_term(pixel, 0.1, above=100.0, below=0.01)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -249,15 +271,21 @@ class BTIDBF(Defense):
 
     def invert(
         self, g: PixelGenerator, opt: torch.optim.Optimizer, split: Split, mask: Tensor, x: Tensor,
-        gen: torch.Generator, target: int | None,
+        gen: torch.Generator, target: int | None, through: nn.Module | None = None,
     ) -> None:  # fmt: skip
-        """Step 2: G changes the backdoor features (1 - m) and keeps the benign ones (m)."""
+        """Step 2: G changes the backdoor features (1 - m) and keeps the benign ones (m).
+
+        ``through`` (P from the second round, as in the public code): the generated images pass
+        through the current purifier before the model sees them, and the image distance is that
+        of the purified image, so G looks for what the purifier does not yet remove. The clean
+        features stay those of the unpurified images.
+        """
         g.train()
         bar = _epochs(self.params.invert_epochs, "invert trigger")
         for _ in bar:
             total, steps = torch.zeros((), device=self.device), 0
             for images, _ in self._epoch(x, x.new_zeros(x.shape[0], dtype=torch.long), gen):
-                out = g(images)
+                out = g(images) if through is None else through(g(images))
                 with torch.no_grad():
                     clean = split.f1(images)
                 feats = split.f1(out)
@@ -287,28 +315,46 @@ class BTIDBF(Defense):
             counts += torch.bincount(split(out).argmax(1), minlength=num_classes)
         return int(counts.argmax().item())
 
-    def mixed_batch_loss(self, split: Split, g: PixelGenerator, images: Tensor, labels: Tensor) -> Tensor:
-        """Step 3's loss: CE on a batch where ``poison_share`` of the images are G(x), plus the
-        distance between the features of the mixed and the clean batch."""
+    @torch.no_grad()
+    def _mixed(self, g: PixelGenerator, images: Tensor) -> Tensor:
+        """The batch with ``int(poison_share * n) + 1`` random images replaced by G(x), as in the public code."""
         n = images.shape[0]
         k = min(n, int(self.params.poison_share * n) + 1)
         pick = torch.randperm(n, generator=self._gen, device=images.device)[:k]
-        with torch.no_grad():
-            mixed = images.clone()
-            mixed[pick] = g(images[pick])
+        mixed = images.clone()
+        mixed[pick] = g(images[pick])
+        return mixed
+
+    def mixed_batch_loss(self, split: Split, g: PixelGenerator, images: Tensor, labels: Tensor) -> Tensor:
+        """(U) step 3's loss: CE on the mixed batch, plus the distance between the features of the
+        mixed and the clean batch (both through the model being unlearned)."""
+        mixed = self._mixed(g, images)
         clean_feats = split.f1(images)
         mixed_feats = split.f1(mixed)
         return F.cross_entropy(split.f2(mixed_feats), labels) + F.mse_loss(mixed_feats, clean_feats)
 
-    def defend(self, split: Split, trainable: nn.Module, opt: torch.optim.Optimizer, g: PixelGenerator,
+    def purify_loss(self, purifier: PixelGenerator, g: PixelGenerator, images: Tensor, labels: Tensor) -> Tensor:
+        """(P) step 3's loss, as in the public code: the purifier sees the mixed batch plus Gaussian
+        ``noise``; CE of the frozen model on the purified batch, the distance between its features
+        and those of the *clean* batch, and the image fidelity ``MSE(P(mixed + noise), x)``
+        weighted 100 while it exceeds ``purify_norm_bound``, else 1."""
+        model = self._frozen
+        purified = purifier(self._mixed(g, images), self.params.noise, self._gen)
+        with torch.no_grad():
+            clean_feats = model.feature_map(images)
+        feats = model.feature_map(purified)
+        fidelity = fidelity_term(purifier.normalised_mse(purified, images), self.params.purify_norm_bound, 100.0, 1.0)
+        return F.cross_entropy(model.head_from_map(feats), labels) + F.mse_loss(feats, clean_feats) + fidelity
+
+    def defend(self, loss_fn: Callable[[Tensor, Tensor], Tensor], trainable: nn.Module, opt: torch.optim.Optimizer,
                x: Tensor, y: Tensor, gen: torch.Generator) -> None:  # fmt: skip
-        """Step 3: train the unlearned model (U) or the purifier (P) on mixed batches."""
+        """Step 3: train the unlearned model (U) or the purifier (P) with ``loss_fn(images, labels)``."""
         trainable.train()
         bar = _epochs(self.params.defend_epochs, "unlearn" if self.mode == "unlearn" else "train purifier")
         for _ in bar:
             total, steps = torch.zeros((), device=self.device), 0
             for images, labels in self._epoch(x, y, gen):
-                loss = self.mixed_batch_loss(split, g, images, labels)
+                loss = loss_fn(images, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -332,7 +378,7 @@ class BTIDBF(Defense):
             return {k: v.detach().cpu() for k, v in g.state_dict().items()}
 
         parts = {"version": self.version}
-        parts |= {name: getattr(p, name) for name in ("generator_base", "generator_depth", "generator_norm",
+        parts |= {name: getattr(p, name) for name in ("generator_base", "generator_depth", "generator_norm", "clamp_output",
                                                      "pretrain_epochs", "gen_lr", "batch_size", "crop_padding", "flip")}  # fmt: skip
         artifact = self.ctx.cached("btidbf-generator", parts, build, scope="model")
         g = self.new_generator()
@@ -354,31 +400,34 @@ class BTIDBF(Defense):
                 y = torch.cat([frozen(to_float(x[i : i + 512])).argmax(1) for i in range(0, x.shape[0], 512)])
         g = self._pretrained_generator(x)
         g_opt = torch.optim.Adam(g.parameters(), lr=self.params.gen_lr)
+        loss_fn: Callable[[Tensor, Tensor], Tensor]
         if self.mode == "unlearn":
             trainable: nn.Module = copy.deepcopy(frozen).eval()  # the shared frozen model stays untouched
-            split = Split(trainable.feature_map, trainable.head_from_map)
+            split = Split(trainable.feature_map, trainable.head_from_map)  # (U) inverts on the unlearned copy
             opt = torch.optim.Adam(trainable.parameters(), lr=self.params.unlearn_lr)
+            loss_fn = lambda images, labels: self.mixed_batch_loss(split, g, images, labels)  # noqa: E731
         else:
-            trainable = self.new_generator()
-            trainable.load_state_dict(g.state_dict())  # the purifier starts at the identity too
-            trainable.eval()
-            purifier = trainable
-            split = Split(lambda images: frozen.feature_map(purifier(images)), frozen.head_from_map)
+            purifier = self.new_generator()
+            purifier.load_state_dict(g.state_dict())  # the purifier starts at the identity too
+            trainable = purifier.eval()
+            split = Split(frozen.feature_map, frozen.head_from_map)  # (P): the mask and G on the frozen model
             opt = torch.optim.Adam(trainable.parameters(), lr=self.params.purify_lr)
+            loss_fn = lambda images, labels: self.purify_loss(purifier, g, images, labels)  # noqa: E731
         num_classes = benign.num_classes
         target: int | None = None
         mask = None
-        for _ in tqdm(range(self.params.rounds), desc=f"btidbf ({self.mode})", leave=False, disable=None):
+        for round_ in tqdm(range(self.params.rounds), desc=f"btidbf ({self.mode})", leave=False, disable=None):
             trainable.requires_grad_(False)  # steps 1-2 only differentiate through it
             mask = self.learn_mask(split, x, y, device_gen)
-            self.invert(g, g_opt, split, mask, x, device_gen, target)
+            through = trainable if self.mode == "purify" and round_ > 0 else None
+            self.invert(g, g_opt, split, mask, x, device_gen, target, through)
             found = self.detect_target(g, split, x, num_classes)
             if target is None:
                 target = found
             elif self.params.early_stop and found != target:
                 break
             trainable.requires_grad_(True)
-            self.defend(split, trainable, opt, g, x, y, device_gen)
+            self.defend(loss_fn, trainable, opt, x, y, device_gen)
         trainable.requires_grad_(False)
         self._generator, self._target, self._mask = g, target, mask
         self._install(trainable.eval())

@@ -1,4 +1,5 @@
-"""BTI-DBF's pieces: model split, feature mask, decoupling objective, generator range, both modes."""
+"""BTI-DBF's pieces: model split, feature mask, decoupling objective, generator output, the
+purification loss, the inversion route of (P), both modes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ from bench.core.device import to_float
 from bench.core.errors import BenchError
 from bench.core.models import build_model
 from bench.nn.train import TrainRecipe, train_classifier
-from defenses.btidbf import BTIDBF, BTIDBFPurify, BTIDBFUnlearn, PixelGenerator, Split, decoupling_loss, feature_mask
+from defenses.btidbf import (
+    BTIDBF,
+    BTIDBFPurify,
+    BTIDBFUnlearn,
+    PixelGenerator,
+    Split,
+    decoupling_loss,
+    feature_mask,
+    fidelity_term,
+)
 
 TINY = {"generator_base": 4, "generator_depth": 2, "batch_size": 64, "pretrain_epochs": 1, "mask_epochs": 2,
         "invert_epochs": 1, "rounds": 1, "defend_epochs": 1, "crop_padding": 2, "flip": False}  # fmt: skip
@@ -73,18 +83,21 @@ def test_decoupling_objective_decreases_and_l1_makes_the_mask_sparser(digits_mod
 
 
 class Blowup(nn.Module):
-    """A stand-in U-Net with huge outputs, to check the generator's clamping."""
+    """A stand-in U-Net with huge outputs, to check the generator's (optional) clamping."""
 
     def forward(self, z: Tensor) -> Tensor:
         return z * 100 + torch.linspace(-500, 500, z.numel()).view_as(z)
 
 
-def test_generator_maps_into_the_pixel_range_and_identity_is_exact() -> None:
+def test_generator_output_is_raw_unless_clamped_and_identity_is_exact() -> None:
+    """The public code feeds G's raw output to the classifier; ``clamp`` confines it to [0, 1]."""
     mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
     x = torch.rand(4, 3, 16, 16)
-    wild = PixelGenerator(Blowup(), mean, std)(x)
+    raw = PixelGenerator(Blowup(), mean, std)(x)
+    assert raw.shape == x.shape and raw.min() < -10 and raw.max() > 10
+    wild = PixelGenerator(Blowup(), mean, std, clamp=True)(x)
     assert wild.shape == x.shape and wild.min() >= 0 and wild.max() <= 1
-    assert (wild == 0).any() and (wild == 1).any()
+    assert (wild == 0).any() and (wild == 1).any() and torch.equal(wild, raw.clamp(0, 1))
     identity = PixelGenerator(nn.Identity(), mean, std)
     assert torch.allclose(identity(x), x, atol=1e-6)
     noisy = identity(x, noise=0.03, gen=torch.Generator().manual_seed(0))
@@ -120,7 +133,7 @@ def test_both_modes_fit_round_trip_and_leave_the_frozen_model_alone(digits_model
         defense.fit(benign, torch.Generator().manual_seed(0))
         assert defense.detected_target is not None and 0 <= defense.detected_target < 10
         inverted = defense.invert_images(x)
-        assert inverted.shape == x.shape and inverted.min() >= 0 and inverted.max() <= 1
+        assert inverted.shape == x.shape and torch.isfinite(inverted).all()
         state = defense.state()
         twin = cls(**{**TINY, **extra})
         twin.bind(digits_model, torch.device("cpu"), seed=1)
@@ -152,3 +165,90 @@ def test_modes_and_parameters_are_validated() -> None:
     with pytest.raises(BenchError, match="generator_norm"):
         BTIDBF(generator_norm="layer")
     assert BTIDBFUnlearn.name == "btidbf_u" and BTIDBFPurify.name == "btidbf_p" and BTIDBF.name == "btidbf"
+
+
+@pytest.mark.parametrize("mse,weight", [(0.2, 100.0), (0.0501, 100.0), (0.0499, 1.0), (0.01, 1.0)])
+def test_the_purifiers_fidelity_weight_switches_at_the_bound(mse: float, weight: float) -> None:
+    """100 while the image MSE exceeds 0.05, else 1 (the public code's pur_norm_bound)."""
+    assert fidelity_term(torch.tensor(mse), 0.05, 100.0, 1.0).item() == pytest.approx(weight * mse)
+
+
+class Shift(nn.Module):
+    """A stand-in purifier U-Net adding a constant in the normalised space (image MSE = shift**2);
+    it records what it was given."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.shift, self.seen = shift, []
+
+    def forward(self, z: Tensor) -> Tensor:
+        self.seen.append(z)
+        return z + self.shift
+
+
+class Dim(nn.Module):
+    """A stand-in generator: every generated image is the input at 90% brightness."""
+
+    def forward(self, x: Tensor, *args: object) -> Tensor:
+        return 0.9 * x
+
+
+@pytest.mark.parametrize("shift,weight", [(0.3, 100.0), (0.2, 1.0)])
+def test_purify_loss_matches_purified_features_to_the_clean_ones(digits_model: nn.Module, mnist, shift: float,
+                                                                weight: float) -> None:  # fmt: skip
+    """CE(f(P(mixed))) + MSE(features of P(mixed), features of the clean x) + w * MSE(P(mixed), x)
+    with w = 100 above the bound (0.3**2 = 0.09 > 0.05) and 1 below (0.04)."""
+    defense = BTIDBFPurify(**TINY, noise=0.0)
+    defense.bind(digits_model, torch.device("cpu"), seed=0)
+    norm = digits_model.normalize
+    purifier = PixelGenerator(Shift(shift), norm.mean, norm.std)
+    images, labels = to_float(mnist.test.x[:20]), mnist.test.y[:20]
+    loss = defense.purify_loss(purifier, Dim(), images, labels)  # type: ignore[arg-type]
+    defense.bind(digits_model, torch.device("cpu"), seed=0)  # the same 3 images replaced again
+    mixed = defense._mixed(Dim(), images)  # type: ignore[arg-type]
+    assert int((mixed != images).flatten(1).any(1).sum()) == 3  # int(0.1 * 20) + 1 generated images
+    with torch.no_grad():
+        purified = purifier(mixed)
+        image_mse = ((purified - images) / norm.std).pow(2).mean()
+        feats = digits_model.feature_map(purified)
+        want = (nn.functional.cross_entropy(digits_model.head_from_map(feats), labels)
+                + nn.functional.mse_loss(feats, digits_model.feature_map(images)) + weight * image_mse)  # fmt: skip
+        against_mixed = want - nn.functional.mse_loss(feats, digits_model.feature_map(images)) \
+            + nn.functional.mse_loss(feats, digits_model.feature_map(mixed))  # fmt: skip
+    assert image_mse.item() == pytest.approx(shift**2, rel=0.2)  # the dimmed images add a little
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    # the clean batch's features are the reference, not the mixed batch's (the check can fail)
+    assert abs(loss.item() - want.item()) < abs(loss.item() - against_mixed.item()) / 10
+
+
+def test_the_purifier_trains_on_noisy_inputs(digits_model: nn.Module, mnist) -> None:
+    defense = BTIDBFPurify(**TINY)  # noise 0.03 in the normalised space
+    defense.bind(digits_model, torch.device("cpu"), seed=0)
+    norm = digits_model.normalize
+    unet = Shift(0.0)
+    images, labels = to_float(mnist.test.x[:20]), mnist.test.y[:20]
+    defense.purify_loss(PixelGenerator(unet, norm.mean, norm.std), Dim(), images, labels)  # type: ignore[arg-type]
+    defense.bind(digits_model, torch.device("cpu"), seed=0)
+    clean_input = (defense._mixed(Dim(), images) - norm.mean) / norm.std  # type: ignore[arg-type]
+    noise = unet.seen[0] - clean_input
+    assert 0.02 < noise.std().item() < 0.04 and abs(noise.mean().item()) < 0.005
+
+
+def test_from_the_second_round_the_purifier_inverts_through_itself(digits_model: nn.Module, mnist, monkeypatch) -> None:
+    """(P): round 1 inverts G alone, later rounds G followed by the purifier; (U) never goes through one."""
+    routes: list[tuple[str, bool]] = []
+    real = BTIDBF.invert
+
+    def spy(self, g, opt, split, mask, x, gen, target, through=None):
+        routes.append((self.mode, through is not None))
+        assert through is None or isinstance(through, PixelGenerator) and through is not g
+        return real(self, g, opt, split, mask, x, gen, target, through)
+
+    monkeypatch.setattr(BTIDBF, "invert", spy)
+    benign = mnist.train.subset(torch.arange(1000, 1064))
+    for cls in (BTIDBFPurify, BTIDBFUnlearn):
+        defense = cls(**{**TINY, "rounds": 3, "mask_epochs": 1})
+        defense.bind(digits_model, torch.device("cpu"), seed=0)
+        defense.fit(benign, torch.Generator().manual_seed(0))
+    assert routes == [("purify", False), ("purify", True), ("purify", True),
+                      ("unlearn", False), ("unlearn", False), ("unlearn", False)]  # fmt: skip
