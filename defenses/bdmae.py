@@ -19,8 +19,13 @@ For each test image x with prediction y0 = f(x), on the autoencoder's token grid
    less than ``max_restore`` of the tokens pass the lowest one, and the count is capped there);
    the restorations are averaged and the frozen model classifies the result.
 
-All of it runs per image (the reference code sizes K over the whole batch, which makes an
-image's result depend on its batch-mates). ``max_restore`` is the intensity knob; it does not
+All of it runs per image by default: the official code sizes K and the purification thresholds
+from batch means (``per_image: false``), which makes an image's result depend on its
+batch-mates. Two more official details are options too: ``initial_masks: complementary`` (one
+set of masks for the whole batch, consecutive windows over random token permutations, so a
+round's masks cover the grid evenly; see :func:`bench.nn.mae.complementary_token_masks`) and
+``token_sampling: nearest`` (the structural score of a token is the dissimilarity map sampled by
+nearest-neighbour resizing to the token grid rather than averaged over the token). ``max_restore`` is the intensity knob; it does not
 affect the fitted state (the autoencoder), so sweeping it never retrains.
 
 The autoencoder. The paper restores with an ImageNet-pretrained MAE (ViT-B/16 at 224 px);
@@ -38,7 +43,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +56,15 @@ from bench.core.params import PluginParams
 from bench.core.plugin import DatasetMeta
 from bench.core.registry import DEFENSES
 from bench.core.seeding import derive_seed, generator
-from bench.nn.mae import MAEConfig, MAERecipe, MaskedAutoencoder, load_mae_weights, random_token_masks, train_mae
+from bench.nn.mae import (
+    MAEConfig,
+    MAERecipe,
+    MaskedAutoencoder,
+    complementary_token_masks,
+    load_mae_weights,
+    random_token_masks,
+    train_mae,
+)
 from bench.nn.ssim import ssim_map
 from defenses.base import Defense, DefenseContext
 
@@ -141,23 +154,46 @@ def refine_scores(
     return scores
 
 
-def purification_masks(scores: Tensor, start: float, step: float, count: int, cap: float, shrink_steps: int = 200) -> Tensor:
+def token_structural_scores(dissimilarity: Tensor, grid: int, sampling: str = "mean") -> Tensor:
+    """(N, H, W) pixel dissimilarity -> (N, grid**2) per-token scores: the mean over each token's
+    pixels, or (``nearest``, the official code) ``F.interpolate(..., mode="nearest")`` to the
+    grid, which samples pixel ``floor(i * H / grid)`` of each row and column (a token's top-left
+    pixel when H is a multiple of the grid)."""
+    if sampling == "nearest":
+        return F.interpolate(dissimilarity[:, None], size=(grid, grid), mode="nearest").flatten(1)
+    return F.adaptive_avg_pool2d(dissimilarity[:, None], grid).flatten(1)
+
+
+def batch_mean_k(k: Tensor) -> Tensor:
+    """Every image's K replaced by ``int(mean K)`` over the batch, as the official code sizes it."""
+    return torch.full_like(k, int(k.float().mean().item()))
+
+
+def purification_masks(scores: Tensor, start: float, step: float, count: int, cap: float, shrink_steps: int = 200,
+                       per_image: bool = True) -> Tensor:  # fmt: skip
     """(count, N, L) bool masks of the tokens to restore at each threshold, nested, per image.
 
     Thresholds are ``start, start - step, ...`` (0.6 .. 0.4). While at least ``cap`` of an
     image's tokens pass the lowest one, all of that image's thresholds are raised (the distance
     to 1 shrinks by 1 % per step, at most ``shrink_steps`` times); each mask also holds at most
-    ``floor(cap * L)`` tokens, so ``cap`` bounds the restored area.
+    ``floor(cap * L)`` tokens, so ``cap`` bounds the restored area. With ``per_image: False``
+    (the official code) the share that stops the raising is the batch's and each threshold's
+    token count is the batch mean (truncated), the same for every image.
     """
     n, length = scores.shape
     distance = 1 - start + step * torch.arange(count, device=scores.device, dtype=scores.dtype)  # 0.4 .. 0.6
     shrink = 0.99 ** torch.arange(shrink_steps + 1, device=scores.device, dtype=scores.dtype)
     lowest = 1 - shrink * distance[-1]  # (S+1,)
     share = (scores[:, None, :] >= lowest[None, :, None]).float().mean(-1)  # (N, S+1)
+    if not per_image:
+        share = share.mean(0, keepdim=True).expand(n, -1)
     ok = share < cap
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(ok[:, 0], shrink_steps, dtype=torch.long))
     thresholds = 1 - shrink[first][:, None] * distance[None, :]  # (N, count)
-    k = (scores[:, None, :] >= thresholds[:, :, None]).sum(-1).clamp(max=int(cap * length))  # (N, count)
+    k = (scores[:, None, :] >= thresholds[:, :, None]).sum(-1)  # (N, count)
+    if not per_image:
+        k = k.float().mean(0, keepdim=True).long().expand(n, -1)
+    k = k.clamp(max=int(cap * length))
     return torch.stack([top_k_mask(scores, k[:, i]) for i in range(count)])
 
 
@@ -170,6 +206,7 @@ class BDMAE(Defense):
 
     intensity_param = "max_restore"
     trainable = True
+    version = 2  # options for the official initial masks, token sampling and batch-level K
     intensity_affects_fit = False
 
     class Params(PluginParams):
@@ -185,6 +222,15 @@ class BDMAE(Defense):
         threshold_start: float = Field(0.6, description="highest purification threshold")
         threshold_step: float = Field(0.05, gt=0, description="distance between purification thresholds")
         num_thresholds: int = Field(5, ge=1, description="purification thresholds (restorations averaged)")
+        initial_masks: Literal["random", "complementary"] = Field(
+            "random", description="random: independent masks per image; complementary: the official masks, shared by the "
+            "batch, consecutive windows over random token permutations")
+        token_sampling: Literal["mean", "nearest"] = Field(
+            "mean", description="structural token score: mean over the token's pixels, or nearest (official: "
+            "F.interpolate nearest to the token grid)")
+        per_image: bool = Field(
+            True, description="K and the purification thresholds per image; false: from batch means (official code; an "
+            "image's result then depends on its batch-mates)")
         mae_weights: str | None = Field(None, description="a pretrained MAE state-dict file; null: train a small MAE on the benign data")
         mae: dict[str, Any] = Field({}, description="MAE architecture settings overriding the data's defaults (see bench.nn.mae.MAEConfig)")
         mae_train: MAERecipe = Field(default_factory=MAERecipe, description="MAE training recipe (see bench.nn.mae.MAERecipe)")
@@ -324,8 +370,10 @@ class BDMAE(Defense):
         restored_count = torch.zeros(n, 1, *x.shape[-2:], device=x.device)
         structural = torch.zeros(n, length, device=x.device)
         for _ in range(p.init_rounds):
-            for _ in range(p.init_masks):
-                mask = random_token_masks(n, length, p.mask_ratio, gen, x.device)
+            shared = (complementary_token_masks(p.init_masks, n, length, p.mask_ratio, gen, x.device)
+                      if p.initial_masks == "complementary" else None)  # fmt: skip
+            for i in range(p.init_masks):
+                mask = random_token_masks(n, length, p.mask_ratio, gen, x.device) if shared is None else shared[i]
                 restored = self.restore(x, mask)
                 flipped = (self._labels(restored) != y0).float()
                 changed += mask.float() * flipped[:, None]
@@ -335,7 +383,7 @@ class BDMAE(Defense):
                 tick()
             mean_restoration = torch.where(restored_count > 0, restored_sum / restored_count.clamp(min=1), x)
             dissimilarity = 1 - ssim_map(x, mean_restoration)
-            structural += F.adaptive_avg_pool2d(dissimilarity[:, None], grid).flatten(1)
+            structural += token_structural_scores(dissimilarity, grid, p.token_sampling)
         structural /= p.init_rounds
         label = changed / (p.init_rounds * p.init_masks)
 
@@ -347,8 +395,11 @@ class BDMAE(Defense):
         refine = dict(restore_and_predict=restore_and_predict, y0=y0, adjacency=adjacency, rounds=p.refine_rounds,
                       step=p.refine_step, bonus=p.topo_bonus, gen=gen, on_round=tick)  # fmt: skip
         k_struct = (structural >= p.struct_threshold).sum(1)
-        structural = refine_scores(structural, k_struct, **refine)
         k_label = (label.mean(1) * length).long()
+        if not p.per_image:
+            k_struct = batch_mean_k(k_struct)
+            k_label = torch.full_like(k_label, int(label.mean().item() * length))
+        structural = refine_scores(structural, k_struct, **refine)
         label = refine_scores(label, k_label, **refine)
         return structural, label, y0
 
@@ -361,7 +412,7 @@ class BDMAE(Defense):
             structural, label, _ = self.token_scores(x, bar)
             fused = p.alpha * structural + (1 - p.alpha) * label
             masks = purification_masks(fused, p.threshold_start, p.threshold_step, p.num_thresholds,
-                                       p.max_restore)  # fmt: skip
+                                       p.max_restore, per_image=p.per_image)  # fmt: skip
             total = torch.zeros_like(x)
             count = torch.zeros(x.shape[0], 1, *x.shape[-2:], device=x.device)
             for mask in masks:

@@ -1,4 +1,5 @@
-"""BDMAE's pieces: SSIM map, the masked autoencoder, token-grid refinement, purification masks."""
+"""BDMAE's pieces: SSIM map, the masked autoencoder, token-grid refinement, purification masks, and
+the official code's variants (complementary initial masks, nearest token sampling, batch-level K)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,27 @@ from bench.core.data import subsample
 from bench.core.device import to_float
 from bench.core.errors import BenchError
 from bench.core.models import build_model
-from bench.nn.mae import MAEConfig, MAERecipe, MaskedAutoencoder, load_mae_weights, random_token_masks, train_mae
+from bench.nn import mae as mae_nn
+from bench.nn.mae import (
+    MAEConfig,
+    MAERecipe,
+    MaskedAutoencoder,
+    load_mae_weights,
+    random_token_masks,
+    train_mae,
+)
 from bench.nn.ssim import ssim_map
 from defenses.base import MissingArtifactError
-from defenses.bdmae import BDMAE, grid_adjacency, grow_regions, purification_masks, refine_scores, top_k_mask
+from defenses.bdmae import (
+    BDMAE,
+    batch_mean_k,
+    grid_adjacency,
+    grow_regions,
+    purification_masks,
+    refine_scores,
+    token_structural_scores,
+    top_k_mask,
+)
 
 TINY_MAE = {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
 
@@ -185,6 +203,50 @@ def test_purification_masks_are_nested_capped_and_follow_thresholds() -> None:
     assert not purification_masks(scores, 0.6, 0.05, 5, cap=0.0).any()
 
 
+def test_complementary_masks_are_shared_and_cover_every_token_once_per_permutation() -> None:
+    gen = torch.Generator().manual_seed(0)
+    half = mae_nn.complementary_token_masks(4, 3, 16, 0.5, gen, torch.device("cpu"))
+    assert half.shape == (4, 3, 16) and (half.sum(-1) == 8).all()
+    assert all(torch.equal(half[:, 0], half[:, i]) for i in range(3))  # one set for the whole batch
+    for a, b in ((0, 1), (2, 3)):  # each pair hides every token exactly once
+        assert torch.equal(half[a, 0] ^ half[b, 0], torch.ones(16, dtype=torch.bool)) and not (half[a, 0] & half[b, 0]).any()
+    assert not torch.equal(half[0, 0], half[2, 0])  # a fresh permutation for the next pair
+    three_quarters = mae_nn.complementary_token_masks(4, 1, 16, 0.75, gen, torch.device("cpu"))[:, 0]
+    # windows of 12 over permutations of 16: mask 0 is 12 tokens of the first, mask 1 its other 4
+    # and 8 of the next (a window across two permutations can repeat a token, as in the official code)
+    assert three_quarters[0].sum() == 12 and (three_quarters.sum(-1) <= 12).all()
+    assert (three_quarters[0] | three_quarters[1]).all()
+
+
+def test_nearest_token_sampling_reads_the_map_where_nearest_resizing_does() -> None:
+    """28 px on a 7x7 grid: nearest resizing samples pixels 0, 4, ..., 24 of each row and column."""
+    dissimilarity = torch.rand(2, 28, 28)
+    nearest = token_structural_scores(dissimilarity, 7, "nearest")
+    assert torch.equal(nearest, dissimilarity[:, ::4, ::4].flatten(1))
+    mean = token_structural_scores(dissimilarity, 7, "mean")
+    assert torch.allclose(mean, dissimilarity.unfold(1, 4, 4).unfold(2, 4, 4).mean((-1, -2)).flatten(1))
+    assert not torch.allclose(mean, nearest)
+
+
+def test_batch_level_k_is_the_truncated_batch_mean() -> None:
+    assert batch_mean_k(torch.tensor([1, 2, 6])).tolist() == [3, 3, 3]
+    assert batch_mean_k(torch.tensor([1, 2])).tolist() == [1, 1]  # int(1.5)
+    scores = torch.zeros(3, 64)
+    scores[0, :3] = torch.tensor([0.9, 0.58, 0.47])
+    scores[1, :8] = 0.7
+    per_image = purification_masks(scores, 0.6, 0.05, 5, cap=0.25).sum(-1)  # (5, 3)
+    batch = purification_masks(scores, 0.6, 0.05, 5, cap=0.25, per_image=False).sum(-1)
+    assert per_image[:, 0].tolist() == [1, 2, 2, 3, 3] and (per_image[:, 1] == 8).all()
+    assert batch.tolist() == [[int((1 + 8) / 3)] * 3, [int(10 / 3)] * 3, [int(10 / 3)] * 3, [int(11 / 3)] * 3,
+                              [int(11 / 3)] * 3]  # fmt: skip
+    # the stop of the threshold raising: 26 of image 0's 64 tokens pass 0.6 (41%), so per image
+    # it is raised until 15 pass; over the batch that is 26 of 128 (20%): no raising, mean int(26 / 2)
+    crowded = torch.zeros(2, 64)
+    crowded[0] = torch.linspace(1.0, 0.0, 64)
+    assert purification_masks(crowded, 0.6, 0.05, 1, cap=0.25).sum(-1).tolist() == [[15, 0]]
+    assert purification_masks(crowded, 0.6, 0.05, 1, cap=0.25, per_image=False).sum(-1).tolist() == [[13, 13]]
+
+
 # --------------------------------------------------------------------------- the defense
 
 
@@ -238,6 +300,18 @@ def test_bdmae_locates_and_removes_the_corner_trigger(fitted_bdmae: BDMAE, mnist
     purified = fitted_bdmae.transform(poisoned)
     assert purified.shape == x.shape and purified.min() >= 0 and purified.max() <= 1
     assert (fitted_bdmae.predict(poisoned).argmax(1) != 0).float().mean() >= 0.9
+
+
+def test_the_official_variants_remove_the_corner_trigger_too(fitted_bdmae: BDMAE, mnist) -> None:
+    """Complementary shared masks, nearest token sampling and batch-level K on the same MAE."""
+    x = to_float(mnist.test.x[:24])
+    poisoned = x.clone()
+    poisoned[:, :, -4:, -4:] = 1.0
+    official = BDMAE(init_rounds=2, refine_rounds=4, mae=TINY_MAE, initial_masks="complementary",
+                     token_sampling="nearest", per_image=False)  # fmt: skip
+    official.bind(fitted_bdmae.model, torch.device("cpu"), seed=0, ctx=fitted_bdmae.ctx)
+    official.load_state(fitted_bdmae.state())
+    assert (official.predict(poisoned).argmax(1) != 0).float().mean() >= 0.9
 
 
 def test_bdmae_without_restoration_is_the_identity_and_state_round_trips(fitted_bdmae: BDMAE, mnist) -> None:

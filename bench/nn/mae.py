@@ -280,6 +280,25 @@ def random_token_masks(n: int, num_tokens: int, ratio: float, gen: torch.Generat
     return ranks < hidden
 
 
+def complementary_token_masks(count: int, n: int, num_tokens: int, ratio: float, gen: torch.Generator,
+                              device: torch.device) -> Tensor:  # fmt: skip
+    """(count, n, num_tokens) bool: BDMAE's official initial masks, the same for every image.
+
+    Random permutations of the tokens are laid end to end and cut into consecutive windows of
+    ``round(ratio * num_tokens)`` tokens, one per mask: every token is hidden exactly once per
+    permutation the windows span (at ratio 0.5, masks 2i and 2i+1 are complements), so the masks
+    of a round cover the grid evenly instead of independently at random. A window across two
+    permutations may hold a token twice and then hides fewer tokens, as in the official code.
+    """
+    hidden = int(round(ratio * num_tokens))
+    perms = -(-count * hidden // num_tokens)  # ceil
+    stream = torch.cat([torch.randperm(num_tokens, generator=gen, device=gen.device) for _ in range(perms)])
+    masks = torch.zeros(count, num_tokens, dtype=torch.bool, device=gen.device)
+    for i in range(count):
+        masks[i, stream[i * hidden : (i + 1) * hidden]] = True
+    return masks.to(device)[:, None, :].expand(count, n, num_tokens)
+
+
 # --------------------------------------------------------------------------- loading and training
 
 
