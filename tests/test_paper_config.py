@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from bench.core.models import build_model
-from bench.core.registry import ATTACKS
+from bench.core.registry import ATTACKS, DEFENSES
 from bench.orchestration.config import load_config
 from bench.orchestration.grid import compile_grid
 
@@ -50,3 +50,16 @@ def test_the_pool_enters_model_keys_only_when_it_is_not_the_default() -> None:
     assert [c.model_key for c in plain] == [c.model_key for c in explicit]
     assert "pool" not in load_config(PAPER, ["poison.pool=non_target"]).poison.identity()
     assert not set(c.model_key for c in plain) & set(c.model_key for c in pooled)
+
+
+def test_defenses_use_the_reference_code_settings() -> None:
+    """REFINE, BDMAE and BTI-DBF run as their public code does where it differs from the paper's text."""
+    cells = compile_grid(load_config(PAPER))
+    defenses = {cell.defense.name: DEFENSES.create(cell.defense.name, cell.defense.params) for cell in cells}
+    refine = defenses["refine"].params
+    assert (refine.classification_loss, refine.io_space, refine.epochs, refine.milestones) == ("bce", "normalized", 150, None)
+    bdmae = defenses["bdmae"].params
+    assert (bdmae.initial_masks, bdmae.token_sampling, bdmae.per_image) == ("complementary", "nearest", False)
+    for name, mode in (("btidbf_u", "unlearn"), ("btidbf_p", "purify")):
+        btidbf = defenses[name].params
+        assert (btidbf.mode, btidbf.clamp_output, btidbf.generator_base, btidbf.purify_norm_bound) == (mode, False, 32, 0.05)
