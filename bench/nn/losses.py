@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bench.core.device import full_precision
+
 
 def supcon_loss(
     features: Tensor,
@@ -25,14 +27,20 @@ def supcon_loss(
     """Supervised contrastive loss of ``features`` (N, D) or (N, V, D views) with labels (N,).
 
     ``base_temperature`` (default: ``temperature``) only rescales the loss, as in the original
-    formulation; all views of a sample share its label and count as its positives.
+    formulation; all views of a sample share its label and count as its positives. Computed in
+    fp32 even under autocast: at temperature 0.07 a bf16 similarity (3 significant digits) would
+    move the logits by several hundredths.
     """
+    with full_precision(features):
+        return _supcon(features, labels, temperature, temperature if base_temperature is None else base_temperature)
+
+
+def _supcon(features: Tensor, labels: Tensor, temperature: float, base: float) -> Tensor:
     if features.dim() == 2:
         features = features.unsqueeze(1)
     if features.dim() != 3 or labels.shape != (features.shape[0],):
         raise ValueError(f"features must be (N, D) or (N, V, D) with N labels, got {tuple(features.shape)}")
     n, views, _ = features.shape
-    base = temperature if base_temperature is None else base_temperature
     # View-major order: all samples' first view, then all second views (labels repeat per view).
     z = features.transpose(0, 1).reshape(n * views, -1).float()
     lab = labels.repeat(views)

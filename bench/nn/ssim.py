@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.core.device import full_precision
+
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, device: torch.device | None = None) -> Tensor:
     """A normalised (size, size) Gaussian kernel."""
@@ -21,9 +23,16 @@ def ssim_map(x: Tensor, y: Tensor, window: int = 11, sigma: float = 1.5, data_ra
     Local statistics use a Gaussian window (11x11, sigma 1.5, the usual setting) over
     replicate-padded images, so the map has the input's size and a border (where patch triggers
     sit) is not compared against artificial zeros; constants C1 = (0.01 L)^2, C2 = (0.03 L)^2.
+    Computed in fp32 even under autocast: the variances are differences of nearly equal means.
     """
     if x.shape != y.shape:
         raise ValueError(f"ssim_map needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 statistics; fp64 stays fp64
+    with full_precision(x):
+        return _ssim_map(x.to(dtype), y.to(dtype), window, sigma, data_range)
+
+
+def _ssim_map(x: Tensor, y: Tensor, window: int, sigma: float, data_range: float) -> Tensor:
     c = x.shape[1]
     kernel = gaussian_window(window, sigma, x.device).to(x.dtype).expand(c, 1, window, window)
 
