@@ -42,6 +42,13 @@ def random_flip(x: Tensor, gen: torch.Generator, p: float = 0.5) -> Tensor:
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def crop_and_flip(x: Tensor, gen: torch.Generator, padding: int, flip: bool) -> Tensor:
+    """The standard classifier augmentation: :func:`random_crop` with zero padding, then (if
+    ``flip``) :func:`random_flip`, per image."""
+    x = random_crop(x, padding, gen)
+    return random_flip(x, gen) if flip else x
+
+
 def random_grayscale(x: Tensor, gen: torch.Generator, p: float = 0.2) -> Tensor:
     """Replace each RGB image by its luminance (kept 3-channel) with probability ``p``."""
     if x.shape[1] != 3:

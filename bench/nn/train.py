@@ -1,10 +1,10 @@
-"""Training over in-memory uint8 tensors.
+"""Training a classifier over in-memory uint8 tensors.
 
 The dataset stays a uint8 tensor (on the GPU when there is one); each step indexes a batch,
 converts it to float and augments it in a few batched operations. There is no DataLoader and no
-per-sample Python. On CUDA the step runs under bf16 autocast with channels_last tensors, and the
-loop never synchronises with the host inside an epoch: the running loss is accumulated on the
-device and read once per epoch for the progress bar.
+per-sample Python. The steps run in the harness's one loop (:func:`bench.nn.loop.fit_loop`):
+bf16 autocast and channels_last on CUDA, no host synchronisation inside an epoch, and a loss
+that turns non-finite fails the training with one clear line.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field, PositiveInt
 from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from bench.core.device import to_float
 from bench.nn import augment
+from bench.nn.loop import Batches, LoopOptions, fit_loop, make_optimizer
 
 BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
 # A batch transformation that also gets the batch's indices into the training set.
@@ -33,7 +33,8 @@ class TrainRecipe:
     The defaults are the REFINE paper's recipe for backdoored models (SGD lr 0.1, momentum 0.9,
     weight decay 5e-4, batch 128, 150 epochs, lr x0.1 at epochs 100 and 130). CPU-sized configs
     override ``epochs`` and ``milestones``; ``schedule: onecycle`` with ``label_smoothing`` is the
-    faster alternative recipe.
+    faster alternative recipe. ``amp``, ``cpu_bf16``, ``channels_last`` and ``compile`` are the
+    loop's :class:`bench.nn.loop.LoopOptions`.
     """
 
     epochs: int = Field(150, ge=1)
@@ -47,9 +48,10 @@ class TrainRecipe:
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     crop_padding: int = Field(4, ge=0)
     flip: bool = True
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
+    amp: bool = True  # bf16 autocast on CUDA
+    cpu_bf16: bool = False  # bf16 autocast on the CPU too (off: fp32)
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile the step's forward and loss (not measured faster: off)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe, steps_per_epoch: int):
@@ -69,8 +71,7 @@ def standard_augment(recipe: TrainRecipe) -> BatchTransform:
     """Random crop with zero padding + horizontal flip, per image."""
 
     def apply(x: Tensor, gen: torch.Generator) -> Tensor:
-        x = augment.random_crop(x, recipe.crop_padding, gen)
-        return augment.random_flip(x, gen) if recipe.flip else x
+        return augment.crop_and_flip(x, gen, recipe.crop_padding, recipe.flip)
 
     return apply
 
@@ -84,53 +85,33 @@ def train_classifier(
     seed: int,
     batch_augment: IndexedTransform | None = None,
     desc: str = "train",
+    hint: str = "lower train.lr",
 ) -> nn.Module:
     """Train ``model`` on uint8 ``images`` and int64 ``labels``; return it in eval mode.
 
     ``batch_augment(x, index, gen)``, when given, replaces the standard augmentation of every
     float batch ``x`` whose rows are ``images[index]``: an attack's per-batch transformation,
     which may depend on which samples are poisoned (:meth:`attacks.base.Attack.batch_augment`).
+    ``desc`` names the run in the progress bar and in the error raised when the loss becomes
+    non-finite, which ends with ``hint``.
     """
     model.to(device)
-    use_cuda = device.type == "cuda"
-    if use_cuda and not torch.are_deterministic_algorithms_enabled():
-        # Every step has the same shapes (the ragged last batch is dropped), so cuDNN's one-off
-        # kernel search pays for itself within the first epoch. Not in deterministic mode: the
-        # search may pick another kernel, with other rounding, in the next process.
-        torch.backends.cudnn.benchmark = True
-    if use_cuda and recipe.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if recipe.compile else model
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
     gen = torch.Generator(device=device).manual_seed(seed)
-    n = images.shape[0]
-    steps_per_epoch = max(1, n // recipe.batch_size)  # drop the ragged last batch: stable BN
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=False,
-        fused=True if use_cuda else None,  # one kernel for the whole update on the GPU
-    )
-    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
     base_augment = standard_augment(recipe)
     augment = batch_augment or (lambda x, _index, g: base_augment(x, g))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and recipe.amp)
-    model.train()
-    bar = tqdm(range(recipe.epochs), desc=desc, leave=False, disable=None)
-    for _ in bar:
-        order = torch.randperm(n, generator=gen, device=device)
-        running = torch.zeros((), device=device)
-        for step in range(steps_per_epoch):
-            idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
-            x = augment(to_float(images[idx]), idx, gen)
-            if use_cuda and recipe.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                loss = F.cross_entropy(step_model(x), labels[idx], label_smoothing=recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running += loss.detach()
-        bar.set_postfix(loss=f"{(running / steps_per_epoch).item():.3f}")
-    model.eval()
+
+    def prepare(idx: Tensor) -> tuple[Tensor, Tensor]:
+        return augment(to_float(images[idx]), idx, gen), labels[idx]
+
+    def loss(batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+
+    batches = Batches(images.shape[0], recipe.batch_size, gen, prepare)  # drops the ragged last batch: stable BN
+    optimizer = make_optimizer("sgd", model.parameters(), device, lr=recipe.lr, momentum=recipe.momentum,
+                               weight_decay=recipe.weight_decay, nesterov=False)  # fmt: skip
+    fit_loop(optimizer, batches, loss, recipe.epochs, device=device, job=desc, hint=hint, train=[model],
+             scheduler=make_scheduler(optimizer, recipe, len(batches)), options=LoopOptions.of(recipe))  # fmt: skip
     return model
