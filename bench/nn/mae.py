@@ -26,7 +26,6 @@ Use a checkpoint trained without ``norm_pix_loss`` (the "visualize" ones): BDMAE
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,11 +33,11 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from bench.core.device import to_float
 from bench.core.errors import BenchError
 from bench.nn import augment
+from bench.nn.loop import Batches, LoopOptions, fit_loop, make_optimizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -213,13 +212,17 @@ class MaskedAutoencoder(nn.Module):
         return grid.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
 
     # ------------------------------------------------------------------ forward
-    def encode(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Encode the visible tokens of normalised images; returns (latent, token ids, valid)."""
+    def encode(self, x: Tensor, mask: Tensor, visible_count: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Encode the visible tokens of normalised images; returns (latent, token ids, valid).
+
+        ``visible_count``: the number of visible tokens when every image has that many (training masks
+        do), which spares the host the two synchronisations that find the longest row.
+        """
         n = x.shape[0]
         tokens = self.patch_embed(x) + self.pos_embed[:, 1:]
         keep = ~mask
         counts = keep.sum(1)
-        longest = int(counts.max().item())
+        longest = int(counts.max().item()) if visible_count is None else visible_count
         # Visible tokens first, in their original order; padding ids point at hidden tokens.
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :longest]
         visible = tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))
@@ -227,7 +230,7 @@ class MaskedAutoencoder(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1)
         seq = torch.cat([cls, visible], dim=1)
         valid = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=x.device), valid], dim=1)
-        key_valid = None if bool(valid.all()) else valid
+        key_valid = None if visible_count is not None or bool(valid.all()) else valid
         for block in self.blocks:
             seq = block(seq, key_valid)
         return self.norm(seq), order, valid
@@ -245,15 +248,16 @@ class MaskedAutoencoder(nn.Module):
             seq = block(seq)
         return self.decoder_pred(self.decoder_norm(seq))[:, 1:]
 
-    def forward(self, images: Tensor, mask: Tensor) -> Tensor:
-        """Predicted pixels of every token, normalised, (N, L, p*p*C), for images in [0, 1]."""
+    def forward(self, images: Tensor, mask: Tensor, visible_count: int | None = None) -> Tensor:
+        """Predicted pixels of every token, normalised, (N, L, p*p*C), for images in [0, 1]
+        (``visible_count``: see :meth:`encode`)."""
         x = (images - self.mean) / self.std
-        latent, order, valid = self.encode(x, mask)
+        latent, order, valid = self.encode(x, mask, visible_count)
         return self.decode(latent, order, valid)
 
-    def loss(self, images: Tensor, mask: Tensor) -> Tensor:
+    def loss(self, images: Tensor, mask: Tensor, visible_count: int | None = None) -> Tensor:
         """Mean squared error on the hidden tokens, in normalised pixel space (MAE's objective)."""
-        pred = self(images, mask)
+        pred = self(images, mask, visible_count)
         target = self.patchify((images - self.mean) / self.std)
         per_token = (pred - target).pow(2).mean(-1)
         m = mask.float()
@@ -272,9 +276,14 @@ class MaskedAutoencoder(nn.Module):
         return images * (1 - pixels) + self.reconstruct(images, mask) * pixels
 
 
+def hidden_count(num_tokens: int, ratio: float) -> int:
+    """How many of ``num_tokens`` tokens a :func:`random_token_masks` mask of ``ratio`` hides."""
+    return int(round(ratio * num_tokens))
+
+
 def random_token_masks(n: int, num_tokens: int, ratio: float, gen: torch.Generator, device: torch.device) -> Tensor:
     """(n, num_tokens) bool masks hiding ``round(ratio * num_tokens)`` tokens, drawn per row."""
-    hidden = int(round(ratio * num_tokens))
+    hidden = hidden_count(num_tokens, ratio)
     noise = torch.rand(n, num_tokens, generator=gen, device=device)
     ranks = noise.argsort(dim=1).argsort(dim=1)
     return ranks < hidden
@@ -341,56 +350,54 @@ class MAERecipe:
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of tokens hidden per training image")
     min_crop: float = Field(0.2, gt=0, le=1, description="smallest area of the random resized crop")
     flip: bool = Field(True, description="random horizontal flip")
+    amp: bool = Field(True, description="bf16 autocast on CUDA")
+    compile: bool = Field(False, description="torch.compile the loss (the autoencoder's passes); not measured faster")
 
 
-@dataclass
-class _Schedule:
-    """Linear warm-up then half-cosine decay, per step."""
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up to ``base`` over ``warmup`` steps, then half-cosine decay to 0 at ``total``;
+    stepped once per optimizer step."""
 
-    base: float
-    warmup: int
-    total: int
+    def __init__(self, optimizer: torch.optim.Optimizer, base: float, warmup: int, total: int) -> None:
+        self.base, self.warmup, self.total = base, warmup, total
+        super().__init__(optimizer)
 
-    def __call__(self, step: int) -> float:
+    def lr_at(self, step: int) -> float:
         if step < self.warmup:
             return self.base * (step + 1) / self.warmup
         progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return self.base * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        return [self.lr_at(self.last_epoch)] * len(self.optimizer.param_groups)
 
 
 def train_mae(
     model: MaskedAutoencoder, images: Tensor, recipe: MAERecipe, device: torch.device, gen: torch.Generator
 ) -> MaskedAutoencoder:
     """Pre-train ``model`` on uint8 ``images`` (N, C, H, W) with random masking; returns it in eval mode."""
-    model.to(device).train()
+    model.to(device)
     images = images.to(device)
     n = images.shape[0]
-    batch = min(recipe.batch_size, n)
-    steps_per_epoch = max(1, n // batch)
-    lr = recipe.blr * batch / 256
+    hidden = hidden_count(model.num_tokens, recipe.mask_ratio)
+
+    def prepare(idx: Tensor) -> tuple[Tensor, Tensor]:
+        x = augment.random_resized_crop(to_float(images[idx]), gen, scale=(recipe.min_crop, 1.0))
+        if recipe.flip:
+            x = augment.random_flip(x, gen)
+        return x, random_token_masks(x.shape[0], model.num_tokens, recipe.mask_ratio, gen, device)
+
+    def loss(batch: tuple[Tensor, Tensor]) -> Tensor:
+        return model.loss(*batch, visible_count=model.num_tokens - hidden)
+
+    batches = Batches(n, min(recipe.batch_size, n), gen, prepare)
+    lr = recipe.blr * batches.batch_size / 256
     decay = [p for name, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and "token" not in name]
     no_decay = [p for name, p in model.named_parameters() if p.requires_grad and (p.ndim <= 1 or "token" in name)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))  # fmt: skip
-    schedule = _Schedule(lr, recipe.warmup_epochs * steps_per_epoch, recipe.epochs * steps_per_epoch)
-    step = 0
-    bar = tqdm(range(recipe.epochs), desc="bdmae: train MAE", leave=False, disable=None)
-    for _ in bar:
-        order = torch.randperm(n, generator=gen, device=device)
-        running = torch.zeros((), device=device)
-        for i in range(steps_per_epoch):
-            x = to_float(images[order[i * batch : (i + 1) * batch]])
-            x = augment.random_resized_crop(x, gen, scale=(recipe.min_crop, 1.0))
-            if recipe.flip:
-                x = augment.random_flip(x, gen)
-            mask = random_token_masks(x.shape[0], model.num_tokens, recipe.mask_ratio, gen, device)
-            for group in optimizer.param_groups:
-                group["lr"] = schedule(step)
-            loss = model.loss(x, mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.detach()
-            step += 1
-        bar.set_postfix(loss=f"{(running / steps_per_epoch).item():.4f}")
-    return model.eval()
+    optimizer = make_optimizer("adamw", [{"params": decay, "weight_decay": recipe.weight_decay},
+                                         {"params": no_decay, "weight_decay": 0.0}], device, lr=lr, betas=(0.9, 0.95))  # fmt: skip
+    steps = len(batches)
+    schedule = WarmupCosine(optimizer, lr, recipe.warmup_epochs * steps, recipe.epochs * steps)
+    fit_loop(optimizer, batches, loss, recipe.epochs, device=device, job="bdmae: train MAE", hint="lower mae_train.blr",
+             train=[model], scheduler=schedule, options=LoopOptions.of(recipe))  # fmt: skip
+    return model
