@@ -11,10 +11,10 @@ benign split (``benign_fraction`` of the 50,000 training images) and for its ful
 The frozen model is an untrained ResNet-18: the cost of a step does not depend on its weights.
 
 Precision: on CUDA the fit runs as configured (bf16 autocast, the defense's ``amp``). On a CPU
-it runs in fp32; ``--cpu-bf16`` measures every width a second time with the loss under
-``torch.autocast("cpu", dtype=torch.bfloat16)`` -- exactly the region the fit autocasts on CUDA
-(the augmentation, backward and update stay outside, as there) -- and prints how far the mean
-loss of the same steps (same seed, same batches) moved from fp32.
+it runs in fp32; ``--cpu-bf16`` measures every width a second time with the defense's
+``cpu_bf16: true`` -- the loss under CPU bf16 autocast, exactly the region the fit autocasts on
+CUDA (the augmentation, backward and update stay outside, as there) -- and prints how far the
+mean loss of the same steps (same seed, same batches) moved from fp32.
 
     python benchmarks/refine_fit.py [--widths 64] [--steps 10] [--cpu-bf16] [--csv FILE]
 """
@@ -57,21 +57,6 @@ CSV_COLUMNS = ["defense", "width", "precision", "batch_size", "fit_img_per_s", *
 CPU_BF16 = "bf16 (cpu autocast)"
 
 
-def autocast_loss_on_cpu(defense: Any) -> None:
-    """Run the defense's loss under CPU bf16 autocast, the region ``Refine.fit`` autocasts on CUDA.
-
-    Wrapping the whole fit instead would also put the augmentation's sampling grids (a bmm in
-    ``affine_grid``) in bf16, which the CUDA path never does.
-    """
-    loss = defense._loss
-
-    def autocast_loss(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return loss(x)
-
-    defense._loss = autocast_loss
-
-
 def refine_fit_runner(width: int | None, batch: int, model: nn.Module, train: ImageSet, device: torch.device,
                       cpu_bf16: bool = False) -> Callable[[int], Any]:  # fmt: skip
     """``run(k)``: a one-epoch REFINE fit of exactly ``k`` steps of ``batch`` images; returns the defense."""
@@ -80,10 +65,8 @@ def refine_fit_runner(width: int | None, batch: int, model: nn.Module, train: Im
         n = steps * batch
         if n > len(train):
             raise BenchError(f"{steps} steps of {batch} images need {n} images; the training set has {len(train)}")
-        defense = DEFENSES.get("refine")(width=width, epochs=1, batch_size=batch)
+        defense = DEFENSES.get("refine")(width=width, epochs=1, batch_size=batch, cpu_bf16=cpu_bf16)
         defense.bind(model, device, seed=0)
-        if cpu_bf16:
-            autocast_loss_on_cpu(defense)
         defense.fit(train.subset(torch.arange(n)), generator(0, "benchmark-refine"))
         return defense
 

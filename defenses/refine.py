@@ -54,15 +54,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveInt, field_validator
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from bench.core.data import ImageSet
-from bench.core.device import to_float
+from bench.core.device import full_precision, to_float
 from bench.core.errors import BenchError
 from bench.core.params import PluginParams
 from bench.core.registry import DEFENSES
 from bench.core.seeding import derive_seed, generator
 from bench.nn import augment
+from bench.nn.loop import Batches, LoopOptions, fit_loop, make_optimizer
 from bench.nn.losses import supcon_loss
 from bench.nn.train import TrainRecipe, make_scheduler
 from bench.nn.unet import UNet, refine_unet
@@ -145,6 +145,9 @@ class Refine(Defense):
         grayscale: float = Field(0.2, ge=0, le=1, description="probability of a random grayscale image during training")
         benign_fraction: float = Field(0.2, gt=0, lt=1, description="share of the training set used as benign data")
         amp: bool = Field(True, description="bf16 autocast on CUDA")
+        cpu_bf16: bool = Field(False, description="bf16 autocast on the CPU too (off: fp32)")
+        channels_last: bool = Field(True, description="channels_last U-Net, frozen model and batches on CUDA")
+        compile: bool = Field(False, description="torch.compile the loss (the U-Net and model passes); not measured faster")
 
         @field_validator("crop_scale")
         @classmethod
@@ -240,8 +243,8 @@ class Refine(Defense):
         assert self._unet is not None
         params, p = self._unet.parameters(), self.params
         if p.optimizer == "adam":
-            return torch.optim.Adam(params, lr=p.lr, betas=(p.momentum, 0.999), weight_decay=p.weight_decay)
-        return torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+            return make_optimizer("adam", params, self.device, lr=p.lr, betas=(p.momentum, 0.999), weight_decay=p.weight_decay)
+        return make_optimizer("sgd", params, self.device, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
 
     def _loss(self, x: Tensor) -> Tensor:
         """REFINE's objective on one augmented batch ``x``; never looks at ground-truth labels."""
@@ -253,8 +256,9 @@ class Refine(Defense):
         if self.params.classification_loss == "ce":
             loss = F.cross_entropy(scores.float(), pseudo)
         else:
-            target = F.one_hot(pseudo, scores.shape[1]).float()
-            loss = F.binary_cross_entropy(scores.float().softmax(1), target)
+            with full_precision(scores):  # CUDA autocast refuses binary cross-entropy
+                target = F.one_hot(pseudo, scores.shape[1]).float()
+                loss = F.binary_cross_entropy(scores.float().softmax(1), target)
         if self.params.supcon_weight > 0:
             z = F.normalize(transformed.flatten(1).float(), dim=1)
             loss = loss + self.params.supcon_weight * supcon_loss(torch.stack([z, z], 1), pseudo, self.params.temperature)
@@ -273,37 +277,22 @@ class Refine(Defense):
         self._perm = self._draw_permutation(benign.num_classes)
         self._unet = self._build_unet(images.shape[1], self.unet_width(max(images.shape[-2:])))
         p = self.params
-        batch = min(p.batch_size, n)
-        steps = n // batch  # drop the ragged last batch, as the public code does
-        recipe = TrainRecipe(epochs=p.epochs, batch_size=batch, lr=p.lr, momentum=p.momentum,
+        gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+
+        def prepare(idx: Tensor) -> Tensor:
+            return refine_augment(to_float(images[idx]), gen, p.crop_scale, p.flip, p.grayscale)
+
+        # The ragged last batch is dropped, as the public code does.
+        batches = Batches(n, min(p.batch_size, n), gen, prepare)
+        recipe = TrainRecipe(epochs=p.epochs, batch_size=batches.batch_size, lr=p.lr, momentum=p.momentum,
                              weight_decay=p.weight_decay, schedule="multistep",
                              milestones=milestones_for(p.epochs, p.milestones), gamma=p.gamma)  # fmt: skip
         optimizer = self._optimizer()
-        scheduler = make_scheduler(optimizer, recipe, steps)
-        gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-        use_amp = p.amp and self.device.type == "cuda"
-        self._unet.train()
-        bar = tqdm(total=p.epochs * steps, desc="fit refine", leave=False, disable=None)
-        for epoch in range(p.epochs):
-            order = torch.randperm(n, generator=gen, device=self.device)
-            running = torch.zeros((), device=self.device)
-            for step in range(steps):
-                x = to_float(images[order[step * batch : (step + 1) * batch]])
-                x = refine_augment(x, gen, p.crop_scale, p.flip, p.grayscale)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    loss = self._loss(x)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                running += loss.detach()
-                bar.update(1)
-                # Reading the loss waits for the GPU: only when someone sees the bar.
-                if not bar.disable and (step % 10 == 9 or step == steps - 1):
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{(running / (step + 1)).item():.4f}")
-        bar.close()
-        self._fit_loss = float((running / steps).item())  # last epoch's mean loss, for diagnostics
-        self._unet.eval()
+        scheduler = make_scheduler(optimizer, recipe, len(batches))
+        # The last epoch's mean loss, for diagnostics.
+        self._fit_loss = fit_loop(optimizer, batches, self._loss, p.epochs, device=self.device, job=self.name,
+                                  hint="lower lr (or try optimizer: adam)", train=[self._unet], frozen=[self.model],
+                                  scheduler=scheduler, options=LoopOptions.of(p))  # fmt: skip
         self._warn_if_saturated(images[: min(n, 256)])
 
     @torch.no_grad()

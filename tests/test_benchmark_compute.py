@@ -28,6 +28,7 @@ from benchmarks.common import (
     random_subset,
     seeded_model,
 )
+from defenses import refine as refine_module
 
 CPU = torch.device("cpu")
 
@@ -154,19 +155,33 @@ def test_cpu_figures_say_unknown_and_gpu_figures_are_a_share_of_the_peak():
 # --------------------------------------------------------------------------- REFINE on the CPU in bf16
 
 
-def test_cpu_bf16_runs_refines_loss_under_autocast_and_nothing_else(mnist):
+def test_cpu_bf16_runs_refines_loss_under_autocast_and_nothing_else(mnist, monkeypatch):
+    """``--cpu-bf16`` fits with ``cpu_bf16: true``: the U-Net runs in bf16 inside the loss only; the
+    augmentation before it and the end-of-fit check after it stay fp32."""
     torch.manual_seed(0)
     model = build_model("small_cnn", 10, 1, width=8).eval()
-    defense = refine_fit.refine_fit_runner(4, 8, model, mnist.train.subset(torch.arange(16)), CPU)(1)
+    augment_autocast: list[bool] = []
+    augment = refine_module.refine_augment
+
+    def watched_augment(*args, **kwargs):
+        augment_autocast.append(torch.is_autocast_enabled("cpu"))
+        return augment(*args, **kwargs)
+
+    monkeypatch.setattr(refine_module, "refine_augment", watched_augment)
     seen: list[torch.dtype] = []
-    defense._unet.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    x = to_float(mnist.train.x[:8])
-    defense._loss(x)
-    refine_fit.autocast_loss_on_cpu(defense)
-    loss = defense._loss(x)
-    defense._unet(x)  # outside the loss: fp32 as before
-    assert seen == [torch.float32, torch.bfloat16, torch.float32]
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    build = refine_module.Refine._build_unet
+
+    def watched_build(self, *args):
+        unet = build(self, *args)
+        unet.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+        return unet
+
+    monkeypatch.setattr(refine_module.Refine, "_build_unet", watched_build)
+    defense = refine_fit.refine_fit_runner(4, 8, model, mnist.train.subset(torch.arange(16)), CPU, cpu_bf16=True)(2)
+    assert defense.params.cpu_bf16
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32]  # two steps, then the saturation check
+    assert augment_autocast == [False, False]
+    assert torch.isfinite(torch.tensor(defense._fit_loss))
 
 
 def test_refine_benchmark_measures_fp32_and_bf16_side_by_side(tmp_path, cifar10, cifar_paths, capsys):
