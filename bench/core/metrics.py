@@ -6,6 +6,10 @@
   "classified as the target" says nothing about the backdoor).
 - RA (robust accuracy): share of those poisoned images still classified as their true label.
 All three are percentages.
+
+Prediction runs in batches under ``torch.inference_mode()`` (no autograd bookkeeping at all) and,
+on CUDA, under bf16 autocast unless ``amp`` is off (``eval_amp`` in a grid); on the CPU in fp32.
+Labels and features stay on the device until the end: one host synchronisation per image set.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from bench.core.device import to_float
+from bench.core.device import autocast, to_float
 
 Predictor = Callable[[Tensor], Tensor]
 # Logits and the penultimate features they came from, in one pass (Defense.predict_with_features).
@@ -37,30 +41,31 @@ def float_batches(images: Tensor, device: torch.device, batch_size: int) -> Iter
         yield start, to_float(images[start : start + batch_size].to(device, non_blocking=True))
 
 
-@torch.no_grad()
-def predict_labels(predict: Predictor, images: Tensor, device: torch.device, batch_size: int = 1024) -> Tensor:
-    """Arg-max labels of ``predict`` (images in [0, 1] -> logits) over uint8 ``images``, on the CPU.
-
-    Labels stay on the device until the end: one host synchronisation per call, not per batch.
-    """
-    out = [predict(x).argmax(1) for _, x in float_batches(images, device, batch_size)]
+def predict_labels(predict: Predictor, images: Tensor, device: torch.device, batch_size: int = 1024,
+                   amp: bool = True) -> Tensor:  # fmt: skip
+    """Arg-max labels of ``predict`` (images in [0, 1] -> logits) over uint8 ``images``, on the CPU
+    (``amp``: bf16 autocast on CUDA)."""
+    with torch.inference_mode(), autocast(device, cuda_bf16=amp):
+        out = [predict(x).argmax(1) for _, x in float_batches(images, device, batch_size)]
+    # Concatenated outside inference mode: the caller gets an ordinary tensor.
     return torch.cat(out).cpu() if out else torch.empty(0, dtype=torch.int64)
 
 
-@torch.no_grad()
 def predict_labels_and_features(
-    predict: FeaturePredictor, images: Tensor, keep: Tensor, device: torch.device, batch_size: int = 1024
-) -> tuple[Tensor, Tensor]:
+    predict: FeaturePredictor, images: Tensor, keep: Tensor, device: torch.device, batch_size: int = 1024,
+    amp: bool = True,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Like :func:`predict_labels`, plus the features of the images at the sorted indices ``keep``
     (rows in the order of ``keep``, float32 on the CPU), taken from the same forward passes."""
     labels, kept = [], []
     keep = keep.to(device)
-    for start, x in float_batches(images, device, batch_size):
-        logits, features = predict(x)
-        labels.append(logits.argmax(1))
-        rows = keep[(keep >= start) & (keep < start + x.shape[0])] - start
-        if rows.numel():
-            kept.append(features[rows].flatten(1).float())
+    with torch.inference_mode(), autocast(device, cuda_bf16=amp):
+        for start, x in float_batches(images, device, batch_size):
+            logits, features = predict(x)
+            labels.append(logits.argmax(1))
+            rows = keep[(keep >= start) & (keep < start + x.shape[0])] - start
+            if rows.numel():
+                kept.append(features[rows].flatten(1).float())
     if not labels:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, 0)
     return torch.cat(labels).cpu(), torch.cat(kept).cpu() if kept else torch.empty(0, 0)
@@ -92,11 +97,12 @@ def backdoor_metrics(
     target: int,
     device: torch.device,
     batch_size: int = 1024,
+    amp: bool = True,
 ) -> dict[str, float]:
     """BA on (clean_x, clean_y); ASR and RA on poisoned images whose true label is not ``target``."""
     _check_asr_set(poisoned_true_y, target)
-    clean_pred = predict_labels(predict, clean_x, device, batch_size)
-    poison_pred = predict_labels(predict, poisoned_x, device, batch_size)
+    clean_pred = predict_labels(predict, clean_x, device, batch_size, amp)
+    poison_pred = predict_labels(predict, poisoned_x, device, batch_size, amp)
     return _rates(clean_pred, clean_y, poison_pred, poisoned_true_y, target)
 
 
@@ -120,11 +126,12 @@ def evaluate_with_features(
     batch_size: int,
     clean_keep: Tensor,
     poisoned_keep: Tensor,
+    amp: bool = True,
 ) -> Evaluation:
     """:func:`backdoor_metrics` from the same batches in the same order (so a defense that draws
     random numbers while predicting draws the same ones), keeping the features of the images at
     ``clean_keep`` and ``poisoned_keep``: the t-SNE sample costs no extra forward pass."""
     _check_asr_set(poisoned_true_y, target)
-    clean_pred, clean_f = predict_labels_and_features(predict, clean_x, clean_keep, device, batch_size)
-    poison_pred, poison_f = predict_labels_and_features(predict, poisoned_x, poisoned_keep, device, batch_size)
+    clean_pred, clean_f = predict_labels_and_features(predict, clean_x, clean_keep, device, batch_size, amp)
+    poison_pred, poison_f = predict_labels_and_features(predict, poisoned_x, poisoned_keep, device, batch_size, amp)
     return Evaluation(_rates(clean_pred, clean_y, poison_pred, poisoned_true_y, target), clean_f, poison_f)

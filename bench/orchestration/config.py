@@ -114,6 +114,8 @@ class GridConfig(BaseModel):
     # sees (or poisons) it and the backdoored model is not trained on it.
     holdout: float = Field(0.2, ge=0, lt=1)
     eval_batch_size: int = Field(1024, ge=1)
+    # bf16 autocast while evaluating on CUDA (false: fp32 there too); the CPU evaluates in fp32.
+    eval_amp: bool = True
     device: str = "auto"
     # Intra-op threads of every job, whatever the machine: a job's numbers depend on it (float
     # reductions split over threads), so it is part of the experiment, not of the machine.

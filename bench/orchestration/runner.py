@@ -26,6 +26,7 @@ from torch import Tensor, nn
 import bench
 from attacks.base import Attack, FitContext
 from bench.core.data import DataPaths, DataSplit, ImageSet, load_dataset, stratified_split
+from bench.core.device import autocast
 from bench.core.files import stable_hash
 from bench.core.metrics import backdoor_metrics, evaluate_with_features, float_batches
 from bench.core.models import build_model
@@ -180,6 +181,10 @@ class CellRunner:
             model.load_state_dict(state)
         else:
             model = trained[0]
+        if self.device.type == "cuda" and self.config.train.channels_last:
+            # The layout training leaves a model in, whether it was trained or loaded: the numbers
+            # of the fits and evaluations that use it do not depend on which.
+            model.to(self.device, memory_format=torch.channels_last)
         model.to(self.device).eval()
         self._model_memo = (key, model)
         return model, cached
@@ -258,7 +263,8 @@ class CellRunner:
 
     def _undefended_features(self, model: nn.Module, images: Tensor) -> Tensor:
         batches = float_batches(images, self.device, self.config.eval_batch_size)
-        out = [model.features(x).flatten(1).float() for _, x in batches]
+        with autocast(self.device, cuda_bf16=self.config.eval_amp):  # as the evaluation computes them
+            out = [model.features(x).flatten(1).float() for _, x in batches]
         return torch.cat(out).cpu() if out else torch.empty(0, 0)
 
     def _evaluate(self, cell: Cell, data: CellData, model: nn.Module, defense: Defense, poisoned_x: Tensor,
@@ -269,11 +275,11 @@ class CellRunner:
         # A model without a ``head`` layer (outside the model contract) is evaluated without the capture.
         if not self.captures_features(cell) or not isinstance(getattr(defense.model, "head", None), nn.Module):
             return backdoor_metrics(defense.predict, test.x, test.y, poisoned_x, poisoned_y, target, self.device,
-                                    batch), None  # fmt: skip
+                                    batch, self.config.eval_amp), None  # fmt: skip
         settings = self.config.tsne
         benign, poisoned = sample_indices(test.y, poisoned_y, settings.per_class, settings.poisoned_per_class, cell.seed)
         result = evaluate_with_features(defense.predict_with_features, test.x, test.y, poisoned_x, poisoned_y, target,
-                                        self.device, batch, benign, poisoned)  # fmt: skip
+                                        self.device, batch, benign, poisoned, self.config.eval_amp)  # fmt: skip
         width = result.clean_features.shape[1]
 
         def rows(features: Tensor, n: int):  # an empty poisoned sample still has the feature width
