@@ -84,3 +84,27 @@ def test_user_errors_exit_2_before_any_work(tmp_path, capsys, extra, message):
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "change, message, kept",
+    [
+        ({"train": {**GRID["train"], "lr": 1e6}}, "train small_cnn [badnets]: the loss became nan at epoch 1; lower train.lr", set()),
+        # At lr 1e6 the U-Net's output leaves [0, 1] in one step and the clamp stops every gradient,
+        # so the loss stays finite; weight decay at 1e20 overflows the weights.
+        ({"defenses": [{"name": "refine", "width": 4, "epochs": 1, "batch_size": 32, "lr": 1e20}]},
+         "refine: the loss became nan at epoch 1; lower lr", {"models"}),
+    ],
+)
+def test_a_fit_whose_loss_turns_non_finite_fails_its_cell_and_caches_nothing(tmp_path, capsys, change, message, kept):
+    grid = {**GRID, "attacks": ["badnets"], "defenses": ["none"], **change}
+    config = write_grid(tmp_path / "grid.yaml", grid)
+    cache = tmp_path / "cache"
+    args = ["run", str(config), "--out", str(tmp_path / "run"), "--cache-dir", str(cache), "--device", "cpu",
+            "--no-tsne", "--workers", "1"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "failed: mnist5k/small_cnn badnets" in err and message in err
+    assert not list((tmp_path / "run" / "records").glob("*.json"))
+    stored = {path.relative_to(cache).parts[0] for path in cache.rglob("*") if path.is_file()}
+    assert {"models", "defenses"} & stored == kept
