@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bench.core.errors import BenchError, UnknownNameError
-from bench.core.metrics import backdoor_metrics
+from bench.core.metrics import backdoor_metrics, predict_labels
 from bench.core.models import build_model
 from bench.core.registry import ATTACKS, DEFENSES
 from bench.nn import augment
@@ -67,6 +67,21 @@ def test_metrics_ba_asr_ra_as_defined():
     assert m == {"ba": 75.0, "asr": 60.0, "ra": 40.0}
     with pytest.raises(ValueError, match="target-class"):
         backdoor_metrics(_Fixed(), clean_x, clean_y, pois_x, torch.tensor([0, 2, 3, 4, 5]), 0, torch.device("cpu"))
+
+
+def test_predictions_run_in_inference_mode_in_fp32_on_the_cpu():
+    seen = []
+
+    def predict(x):
+        seen.append((torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"), x.shape[0]))
+        return _Fixed()(x)
+
+    images = torch.zeros(5, 1, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.tensor([3, 1, 4, 1, 5], dtype=torch.uint8)
+    labels = predict_labels(predict, images, torch.device("cpu"), batch_size=2)
+    assert labels.tolist() == [3, 1, 4, 1, 5]
+    assert seen == [(True, False, 2), (True, False, 2), (True, False, 1)]
+    assert not labels.is_inference()  # an ordinary tensor for the caller
 
 
 @pytest.mark.parametrize("name,shape", [("small_cnn", (2, 3, 32, 32)), ("cifar_resnet18", (2, 3, 32, 32)),
