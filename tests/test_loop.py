@@ -3,6 +3,8 @@ CUDA-only settings are no-ops or restored fallbacks on the CPU, CPU bf16 stays c
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from bench.core.models import build_model
 from bench.nn import augment
 from bench.nn.loop import Batches, _autotuning, fit_loop
 from bench.nn.train import TrainRecipe, make_scheduler, train_classifier
+from defenses.refine import Refine
 
 CPU = torch.device("cpu")
 
@@ -153,3 +156,21 @@ def test_cpu_bf16_training_runs_in_bf16_and_stays_close_to_fp32(mnist) -> None:
     assert torch.isfinite(bf16).all()
     assert not torch.equal(fp32, bf16)
     assert (bf16 - fp32).norm() < 0.02 * fp32.norm()
+
+
+def test_cpu_bf16_refine_fit_stays_close_to_fp32(mnist) -> None:
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1, width=8).eval()
+    benign = mnist.train.subset(torch.arange(96))
+    fits = {}
+    for cpu_bf16 in (False, True):
+        defense = Refine(width=4, epochs=1, batch_size=32, cpu_bf16=cpu_bf16)
+        defense.bind(model, CPU, 0)
+        defense.fit(benign, torch.Generator().manual_seed(0))
+        fits[cpu_bf16] = defense
+    fp32, bf16 = fits[False], fits[True]
+    assert math.isfinite(bf16._fit_loss)
+    assert bf16._fit_loss == pytest.approx(fp32._fit_loss, rel=0.05)
+    weights = {name: torch.cat([p.flatten() for p in d._unet.parameters()]) for name, d in fits.items()}
+    assert not torch.equal(weights[False], weights[True])
+    assert (weights[True] - weights[False]).norm() < 0.02 * weights[False].norm()
