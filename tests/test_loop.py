@@ -174,3 +174,21 @@ def test_cpu_bf16_refine_fit_stays_close_to_fp32(mnist) -> None:
     weights = {name: torch.cat([p.flatten() for p in d._unet.parameters()]) for name, d in fits.items()}
     assert not torch.equal(weights[False], weights[True])
     assert (weights[True] - weights[False]).norm() < 0.02 * weights[False].norm()
+
+
+def test_a_shown_figure_and_postfix_leave_the_returned_loss_alone() -> None:
+    w = torch.nn.Parameter(torch.ones(()))
+    calls: list[int] = []
+
+    def loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return w * 0.0 + 2.0, torch.tensor(float("nan"))  # the shown figure is never checked or returned
+
+    def postfix() -> dict[str, str]:
+        calls.append(1)
+        return {"extra": "1"}
+
+    batches = Batches(4, 2, torch.Generator().manual_seed(0), lambda idx: idx)
+    mean = fit_loop(torch.optim.SGD([w], lr=0.1), batches, loss, 3, device=CPU, job="tiny fit", hint="lower lr",
+                    show="figure", postfix=postfix)  # fmt: skip
+    assert mean == 2.0
+    assert len(calls) == 3  # once per epoch
