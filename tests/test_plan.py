@@ -238,3 +238,11 @@ def test_a_test_subset_shares_the_model_but_not_the_cell(shared_fit):
     assert [c.model_key for c in full] == [c.model_key for c in subset]
     assert not {c.cell_id for c in full} & {c.cell_id for c in subset}
     assert not {c.model_key for c in full} & {c.model_key for c in train_subset}
+
+
+def test_fp32_evaluation_shares_the_model_and_fit_but_not_the_cell(shared_fit):
+    bf16 = compile_grid(_config())
+    fp32 = compile_grid(_config(eval_amp=False))
+    assert [(c.model_key, c.defense_key) for c in bf16] == [(c.model_key, c.defense_key) for c in fp32]
+    assert not {c.cell_id for c in bf16} & {c.cell_id for c in fp32}
+    assert [c.cell_id for c in compile_grid(_config(eval_amp=True))] == [c.cell_id for c in bf16]

@@ -152,6 +152,8 @@ def compile_grid(config: GridConfig, data_root: str | Path | None = None) -> lis
     for di, (dataset_spec, dataset) in enumerate(datasets):
         test_subset = dataset.params.test_subset
         evaluation = {"eval_test_subset": test_subset} if test_subset else {}
+        if not config.eval_amp:  # fp32 evaluation on CUDA: other numbers (the default keeps its ids)
+            evaluation["eval_amp"] = False
         for mi, (model_spec, model_cls, model_params) in enumerate(models):
             model_id = model_cls.identity_of(model_params)
             for ai, (attack_spec, attack) in enumerate(attacks):
