@@ -14,7 +14,7 @@ from bench.core.device import to_float
 from bench.core.errors import BenchError
 from bench.core.models import build_model
 from bench.nn import augment
-from bench.nn.loop import Batches, _autotuning, fit_loop
+from bench.nn.loop import Batches, _autotuning, _channels_last, fit_loop, make_optimizer
 from bench.nn.train import TrainRecipe, make_scheduler, train_classifier
 from defenses.refine import Refine
 
@@ -192,3 +192,15 @@ def test_a_shown_figure_and_postfix_leave_the_returned_loss_alone() -> None:
                     show="figure", postfix=postfix)  # fmt: skip
     assert mean == 2.0
     assert len(calls) == 3  # once per epoch
+
+
+def test_cuda_only_settings_are_chosen_by_device() -> None:
+    params = [torch.nn.Parameter(torch.ones(3))]
+    for kind in ("sgd", "adam", "adamw"):
+        assert make_optimizer(kind, params, torch.device("cuda"), lr=0.1).defaults["fused"] is True
+        assert make_optimizer(kind, params, CPU, lr=0.1).defaults["fused"] is None  # torch's default on the CPU
+    images, labels, masks = torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), torch.zeros(2, 3, 4, 4, dtype=torch.bool)
+    x, y, m = _channels_last((images, labels, masks))
+    assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, images)
+    assert y is labels and m is masks  # labels and non-float tensors keep their layout
+    assert isinstance(_channels_last([images]), list)

@@ -19,8 +19,9 @@ prepared batch. :func:`fit_loop` owns everything else, so a speed-up made here l
 - **optimizers**: :func:`make_optimizer` builds SGD, Adam or AdamW with the fused (single-kernel)
   update on CUDA and torch's default implementation elsewhere;
 - **optional torch.compile** of the loss function (the forward passes and the loss; backward is
-  compiled with it by AOTAutograd). Off by default everywhere: compiling costs tens of seconds
-  per fit and whether it pays has not been measured on a GPU here.
+  compiled with it by AOTAutograd). The optimizer update stays outside: on CUDA the fused
+  update is already one kernel. Off by default everywhere: compiling costs tens of seconds per
+  fit and whether it pays has not been measured on a GPU.
 
 Why not CUDA graphs: every step draws its augmentation from a ``torch.Generator`` and indexes
 the data with a fresh permutation, the learning rate changes as a Python float every step
