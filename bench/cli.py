@@ -1,4 +1,4 @@
-"""The command line: ``run_bench.py run|table|status|plot|report|list|describe|show-triggers``.
+"""The command line: ``run_bench.py run|table|status|plot|report|list|describe|show-triggers|show-inversion``.
 
 User errors (:class:`bench.core.errors.BenchError`) print one line ``error: ...`` on stderr and exit
 with status 2, like argparse's own usage errors; nothing is left half-written because every
@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     triggers.add_argument("--index", type=int, default=0, help="which non-target test image to show (default: 0)")
     triggers.add_argument("--seed", type=int, default=0, help="cell seed for drawn triggers such as WaNet's field")
     _common(triggers)
+
+    inversion = sub.add_parser("show-inversion", help="draw BTI-DBF's inverted and purified images from a run (Figure 3)",
+                               description="From the illustration images a run's BTI-DBF cells saved: per attack, a "
+                                           "PNG (+ PDF) with poisoned test images, BTI-DBF's inversion G(clean) and "
+                                           "the purified images. No model or data is loaded.")
+    inversion.add_argument("run_dir", help="a run directory written by 'run'")
+    inversion.add_argument("--out", help="PNG path (default: RUN_DIR/figures/figure3_<attack>.png; with several "
+                                         "attacks, _<attack> is added to its name)")
     return parser
 
 
@@ -272,6 +280,18 @@ def cmd_show_triggers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show_inversion(args: argparse.Namespace) -> int:
+    from bench.report.inversion import show_inversion
+
+    run_dir = _run_dir(args.run_dir)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise BenchError(f"--out {out} is a directory; give the path of the PNG file to write")
+    for png in show_inversion(run_dir, out):
+        print(f"{png} (+ .pdf)")
+    return 0
+
+
 def _registries():
     from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 
@@ -322,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run", *argv]  # `run_bench.py` alone runs the default grid
     args = parser.parse_args(argv)
     handlers = {"run": cmd_run, "table": cmd_table, "list": cmd_list, "describe": cmd_describe, "plot": cmd_plot,
-                "report": cmd_report, "status": cmd_status, "show-triggers": cmd_show_triggers}
+                "report": cmd_report, "status": cmd_status, "show-triggers": cmd_show_triggers,
+                "show-inversion": cmd_show_inversion}
     try:
         return handlers[args.command](args)
     except BenchError as err:

@@ -21,6 +21,11 @@ model it was bound to is never modified. ``benign_fraction`` (a parameter of the
 train) is the share of the *whole* training set the defense trains on; the runner draws it from
 the held-out clean split (``holdout`` in the grid config), so it cannot exceed the holdout.
 
+:meth:`illustrations` is an optional hook for figures: a defense that produces images worth
+showing (BTI-DBF's inverted backdoor and purified inputs) returns them by name; evaluation saves
+them for a few seeded poisoned test images (:mod:`bench.core.illustrations`). The default shows
+nothing.
+
 ``intensity_param`` names the parameter that trade-off curves sweep (ShrinkPad's ``pad``). When
 ``intensity_affects_fit`` is False the fitted state is shared across intensities, so sweeping
 the knob never retrains anything.
@@ -190,6 +195,15 @@ class Defense(Plugin):
     def features(self, x: Tensor) -> Tensor:
         """Penultimate-layer features the classifier computes on the transformed input."""
         return self.classifier.features(self.transform(x))
+
+    def illustrations(self, clean: Tensor, poisoned: Tensor) -> dict[str, Tensor]:
+        """Named rows of images (each shaped like ``poisoned``, floats in [0, 1]) that show what the
+        defense does to these poisoned test images (``clean``: their originals), for the report.
+
+        Called after the cell's metrics are computed, so whatever random numbers a defense draws
+        here must come from its own stream and never shift its predictions. Default: none.
+        """
+        return {}
 
     def predict_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``predict(x)`` and the penultimate features its logits came from, from one pass.

@@ -476,6 +476,19 @@ class BTIDBF(Defense):
         assert self._generator is not None, "fit() first"
         return self._generator(x)
 
+    @torch.no_grad()
+    def illustrations(self, clean: Tensor, poisoned: Tensor) -> dict[str, Tensor]:
+        """``inverted`` = G(clean): what the inversion believes the backdoored version of each clean
+        original looks like, to set beside the real poisoned image; for (P) also ``purified``: what
+        the purifier feeds the model for the poisoned image (its noise from a stream of its own).
+        (U) changes the model, not its inputs, so it has no purified row."""
+        rows = {"inverted": self.invert_images(clean)}
+        if self.mode == "purify":
+            assert self._purifier is not None, "fit() or load_state() first"
+            gen = generator(self.seed, "btidbf-illustrations", device=self.device)
+            rows["purified"] = self._purifier(poisoned, self.params.noise, gen)
+        return rows
+
     def transform(self, x: Tensor) -> Tensor:
         if self.mode == "unlearn":
             return x

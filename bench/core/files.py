@@ -92,6 +92,29 @@ def atomic_write_json(obj: Any, path: Path) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
+def atomic_write_npz(arrays: dict[str, Any], path: Path) -> None:
+    """Write plain NumPy arrays as a compressed ``.npz`` archive, atomically."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(buffer.getvalue(), path)
+
+
+def read_npz(path: Path) -> dict[str, Any] | None:
+    """Every array of an ``.npz`` archive, read with ``allow_pickle=False`` (nothing in it is ever
+    executed); None when the file is missing, unreadable or holds objects that need unpickling."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)

@@ -4,7 +4,7 @@ The orchestration layer writes them (one per cell, atomically); tables, figures 
 read them. A record holds the cell's metrics, its full configuration, seed, library versions
 and wall times (see :meth:`bench.orchestration.runner.CellRunner.run`). Beside it, a cell may
 have the penultimate features of its t-SNE sample (:mod:`bench.core.tsne_sample`), from which the
-t-SNE figures are drawn.
+t-SNE figures are drawn, and the defense's illustration images (:mod:`bench.core.illustrations`).
 
 Records are written atomically, but a disk can still damage one, or a user can edit one. A record
 that does not parse, or is not an object with the keys every reader relies on, is moved aside to
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.core.errors import BenchError
 from bench.core.files import atomic_write_json
+from bench.core.illustrations import CellIllustrations, load_illustrations, save_illustrations
 from bench.core.tsne_sample import CellFeatures, load_features, save_features
 
 RECORDS_DIR = "records"
@@ -57,13 +58,15 @@ def record_problem(path: Path) -> tuple[dict | None, str | None]:
 
 class RecordStore:
     """One JSON file per finished grid cell, ``<run_dir>/records/<cell_id>.json``, and its t-SNE
-    sample's features, ``<run_dir>/features/<cell_id>.npz``."""
+    sample's features, ``<run_dir>/features/<cell_id>.npz``, and its illustration images,
+    ``<run_dir>/illustrations/<cell_id>.npz``."""
 
     def __init__(self, run_dir: Path, repair: bool = True) -> None:
         """``repair=False`` only reads (``--dry-run``): a damaged record counts as missing but stays."""
         self.dir = Path(run_dir) / RECORDS_DIR
         self.repair = repair
         self.features_dir = Path(run_dir) / "features"
+        self.illustrations_dir = Path(run_dir) / "illustrations"
 
     def path(self, cell_id: str) -> Path:
         return self.dir / f"{cell_id}.json"
@@ -93,16 +96,27 @@ class RecordStore:
         """Whether the cell has a whole record (a damaged one is moved aside and does not count)."""
         return self.path(cell_id).exists() and self.read(cell_id) is not None
 
-    def write(self, record: dict, features: CellFeatures | None = None) -> None:
-        """Write the features first: the record marks the cell finished, so a run killed between
-        the two writes computes the cell again rather than leave it without its features."""
+    def illustrations_path(self, cell_id: str) -> Path:
+        return self.illustrations_dir / f"{cell_id}.npz"
+
+    def write(
+        self, record: dict, features: CellFeatures | None = None, illustrations: CellIllustrations | None = None
+    ) -> None:
+        """Write the features and illustrations first: the record marks the cell finished, so a run
+        killed between the writes computes the cell again rather than leave it without them."""
         if features is not None:
             save_features(features, self.features_path(record["cell_id"]))
+        if illustrations is not None:
+            save_illustrations(illustrations, self.illustrations_path(record["cell_id"]))
         atomic_write_json(record, self.path(record["cell_id"]))
 
     def read_features(self, cell_id: str) -> CellFeatures | None:
         """The cell's saved t-SNE features; None when it has none (or the file is damaged)."""
         return load_features(self.features_path(cell_id))
+
+    def read_illustrations(self, cell_id: str) -> CellIllustrations | None:
+        """The cell's saved illustration images; None when it has none (or the file is damaged)."""
+        return load_illustrations(self.illustrations_path(cell_id))
 
     def read_all(self) -> Iterator[dict]:
         """Every whole record, in file-name order; damaged ones are moved aside and skipped."""

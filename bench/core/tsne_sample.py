@@ -18,8 +18,6 @@ written atomically and read with ``allow_pickle=False``, so nothing in them is e
 
 from __future__ import annotations
 
-import io
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.core.files import atomic_write_bytes
+from bench.core.files import atomic_write_npz, read_npz
 from bench.core.seeding import generator
 
 FEATURE_DTYPE = np.float16
@@ -96,17 +94,13 @@ def save_features(features: CellFeatures, path: Path) -> None:
     if features.reference_benign is not None and features.reference_poisoned is not None:
         arrays["reference_benign"] = np.asarray(features.reference_benign, FEATURE_DTYPE)
         arrays["reference_poisoned"] = np.asarray(features.reference_poisoned, FEATURE_DTYPE)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(buffer.getvalue(), path)
+    atomic_write_npz(arrays, path)
 
 
 def load_features(path: Path) -> CellFeatures | None:
     """The features saved at ``path``; None when the file is missing, unreadable or malformed."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+    arrays = read_npz(path)
+    if arrays is None:
         return None
     try:
         target, per_class, poisoned_per_class = (int(v) for v in arrays["settings"])

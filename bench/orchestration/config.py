@@ -98,6 +98,39 @@ class TsneSettings(BaseModel):
     poisoned_per_class: int = Field(50, ge=0, description="poisoned test images per true class")
 
 
+class IllustrationSettings(BaseModel):
+    """How many poisoned test images a cell passes to its defense's illustration hook
+    (:meth:`defenses.base.Defense.illustrations`; BTI-DBF's inverted and purified images)."""
+
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(8, ge=0, le=256, description="poisoned test images per cell of the first seed; 0: none")
+
+
+class IntensityChoice(BaseModel):
+    """The low and high intensity of one defense's Figure-2 t-SNE panels (None: the default)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    low: float | None = Field(None, description="low intensity; default: the smallest swept non-zero value")
+    high: float | None = Field(None, description="high intensity; default: the largest swept value")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntensityChoice:
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"low must be smaller than high, got low {self.low} and high {self.high}")
+        return self
+
+
+class ReportSettings(BaseModel):
+    """Choices of the report's composed figures (checked against the grid when it compiles).
+
+    ``figure2`` maps a defense name with an intensity knob to the intensities of its t-SNE panels
+    in the Figure-2 composition (trade-off curve beside t-SNE at no defense, low and high).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    figure2: dict[str, IntensityChoice] = Field(default_factory=dict)
+
+
 class GridConfig(BaseModel):
     """A whole grid: the lists whose product is the set of cells, plus shared settings."""
 
@@ -124,6 +157,8 @@ class GridConfig(BaseModel):
     # running ops that have no deterministic CUDA kernel and warns. No effect on CPU numbers.
     deterministic: Deterministic = False
     tsne: TsneSettings = Field(default_factory=TsneSettings)
+    illustrations: IllustrationSettings = Field(default_factory=IllustrationSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
 
     @field_validator("name")
     @classmethod

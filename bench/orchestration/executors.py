@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from bench.core.data import DataPaths
 from bench.core.determinism import compute_settings, start_worker_process, worker_environment
+from bench.core.illustrations import CellIllustrations
 from bench.core.tsne_sample import CellFeatures
 from bench.orchestration.config import GridConfig
 from bench.orchestration.plan import Job
@@ -46,7 +47,8 @@ class WorkerSpec:
 
 @dataclass
 class JobResult:
-    """What a worker sends back: the cell record (and its t-SNE features) for a cell job, or the failure.
+    """What a worker sends back: the cell record (with its t-SNE features and illustrations) for a
+    cell job, or the failure.
 
     Workers never write into the run directory; the driver writes what comes back.
     """
@@ -55,6 +57,7 @@ class JobResult:
     ok: bool
     record: dict[str, Any] | None = None
     features: CellFeatures | None = None
+    illustrations: CellIllustrations | None = None
     artifacts: list[dict[str, Any]] = field(default_factory=list)  # built / loaded, in order
     error: str | None = None  # the exception's one-line summary
     traceback: str | None = None
@@ -115,7 +118,7 @@ def run_job(spec: WorkerSpec, job: Job, runner: Any = None) -> JobResult:
         return JobResult(job.job_id, False, error=error_line(err), traceback=traceback.format_exc(),
                          seconds=time.perf_counter() - start, worker=where)  # fmt: skip
     return JobResult(job.job_id, True, record=cell.record if cell else None, features=cell.features if cell else None,
-                     artifacts=artifacts, seconds=time.perf_counter() - start, worker=where)  # fmt: skip
+                     illustrations=cell.illustrations if cell else None, artifacts=artifacts, seconds=time.perf_counter() - start, worker=where)  # fmt: skip
 
 
 def execute_job(runner: Any, job: Job) -> tuple[Any, list[dict[str, Any]]]:

@@ -9,7 +9,10 @@ record carry the list.
 
 Evaluating a cell of the grid's first seed also captures the penultimate features of its t-SNE
 sample (:mod:`bench.core.tsne_sample`) from the evaluation's own forward passes; they travel back
-with the record, and the driver saves both.
+with the record, and the driver saves both. The same cells pass a seeded handful of poisoned test
+images to the defense's illustration hook (:meth:`defenses.base.Defense.illustrations`, e.g.
+BTI-DBF's inverted and purified images) and send back what it returns
+(:mod:`bench.core.illustrations`).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from torch import Tensor, nn
 import bench
 from attacks.base import Attack, FitContext
 from bench.core.data import DataPaths, DataSplit, ImageSet, load_dataset, stratified_split
-from bench.core.device import autocast
+from bench.core.device import autocast, to_float
 from bench.core.files import stable_hash
+from bench.core.illustrations import CellIllustrations, choose_images
 from bench.core.metrics import backdoor_metrics, evaluate_with_features, float_batches
 from bench.core.models import build_model
 from bench.core.registry import ATTACKS, DEFENSES
@@ -51,10 +55,11 @@ class CellData:
 
 @dataclass
 class CellResult:
-    """What computing a cell gives the driver to write: the record and its t-SNE features."""
+    """What computing a cell gives the driver to write: the record, its t-SNE features and illustrations."""
 
     record: dict[str, Any]
     features: CellFeatures | None = None
+    illustrations: CellIllustrations | None = None
 
 
 def versions() -> dict[str, str]:
@@ -218,10 +223,21 @@ class CellRunner:
         return model
 
     # ----------------------------------------------------------------- defenses
+    @staticmethod
+    def _benign_count(data: CellData, defense: Defense) -> int | None:
+        """``benign_fraction`` of the whole training set as a count; None: the whole holdout."""
+        return defense.benign_count(len(data.attacker_train) + len(data.defender_benign), len(data.defender_benign))
+
+    def benign_size(self, data: CellData, defense: Defense) -> int | None:
+        """How many clean images the defense fits on (None: it fits nothing); recorded per cell."""
+        if not defense.trainable:
+            return None
+        count = self._benign_count(data, defense)
+        return len(data.defender_benign) if count is None else count
+
     def benign_subset(self, cell: Cell, data: CellData, defense: Defense) -> ImageSet:
         """The defender's clean data: ``benign_fraction`` of the training set, from the holdout."""
-        total = len(data.attacker_train) + len(data.defender_benign)
-        count = defense.benign_count(total, len(data.defender_benign))
+        count = self._benign_count(data, defense)
         if count is None:
             return data.defender_benign
         index, _ = stratified_split(data.defender_benign.y, count, derive_seed(cell.seed, "benign-subset"))
@@ -297,6 +313,21 @@ class CellRunner:
             features.reference_poisoned = rows(self._undefended_features(model, poisoned_x[poisoned]), len(poisoned))
         return result.metrics, features
 
+    def _illustrate(self, cell: Cell, data: CellData, defense: Defense, poisoned_x: Tensor,
+                    poisoned_y: Tensor) -> CellIllustrations | None:  # fmt: skip
+        """The defense's illustration rows for a seeded choice of poisoned test images (first seed only)."""
+        count = self.config.illustrations.count
+        if count == 0 or cell.order[4] != 0 or poisoned_y.numel() == 0:
+            return None
+        index = choose_images(count, int(poisoned_y.numel()), cell.seed)
+        # poison_test keeps the order of the non-target test images: these are the originals.
+        clean = data.test.x[data.test.y != self.config.poison.target][index]
+        poisoned = poisoned_x[index]
+        rows = defense.illustrations(to_float(clean).to(self.device), to_float(poisoned).to(self.device))
+        if not rows:
+            return None
+        return CellIllustrations.from_tensors(clean, poisoned, poisoned_y[index], index, list(data.test.classes), rows)
+
     def run(self, cell: Cell) -> CellResult:
         """Compute one cell: its record (not yet written) and, for the first seed, its t-SNE features."""
         t0 = time.perf_counter()
@@ -310,6 +341,7 @@ class CellRunner:
         poisoned_x, poisoned_y = attack.poison_test(data.test, self.config.poison.target)
         with torch.no_grad():
             metrics, features = self._evaluate(cell, data, model, defense, poisoned_x, poisoned_y)
+            illustrations = self._illustrate(cell, data, defense, poisoned_x, poisoned_y)
         t4 = time.perf_counter()
         record = {
             "cell_id": cell.cell_id,
@@ -331,6 +363,7 @@ class CellRunner:
             "n_test_poisoned": int(poisoned_y.numel()),
             "n_attacker_train": len(data.attacker_train),
             "n_defender_benign": len(data.defender_benign),
+            "n_defense_fit": self.benign_size(data, defense),  # benign images the defense was fitted on
             "model_key": cell.model_key,
             "defense_key": cell.defense_key,
             "model_cached": model_cached,
@@ -345,5 +378,5 @@ class CellRunner:
             "config": self.config.resolved(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        return CellResult(record, features)
+        return CellResult(record, features, illustrations)
 

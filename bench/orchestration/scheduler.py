@@ -91,7 +91,7 @@ def _settle(
     """Record one result; return how many jobs it settled (its skipped dependents included)."""
     if result.ok:
         if result.record is not None:
-            records.write(result.record, result.features)
+            records.write(result.record, result.features, result.illustrations)
             outcome.records_written += 1
         book.done(job, result)
         finished.add(job.job_id)

@@ -24,6 +24,13 @@ from bench.core.records import RecordStore
 from bench.report.tables import paper_tables, records_frame, to_html
 
 FIGURE_SECTIONS = (
+    ("figure2_", "Figure 2: trade-off and feature space of each swept defense",
+     "Per attack: BA and ASR (%) against the defense's intensity (dashed: no defense) beside t-SNE panels at no "
+     "defense, a low and a high intensity (colour = true class, circle = benign, X = poisoned)."),
+    ("figure3_", "Figure 3: inverted backdoor and purified inputs",
+     "Columns: poisoned test images (title: true class). Rows: the clean original, the poisoned image, the real "
+     "trigger (difference, amplified), BTI-DBF's inversion G(clean) and its difference from the clean image, "
+     "and for BTI-DBF (P) the purified image the model classifies."),
     ("tradeoff-", "Trade-off curves",
      "BA and ASR (%) as the defense's intensity grows; dashed lines are the undefended model."),
     ("tsne-", "t-SNE of penultimate features",
@@ -112,21 +119,27 @@ def make_figures(
 ) -> list[Path]:
     """Draw every figure the run's records allow, then write the report page; return the PNGs drawn.
 
-    Trade-off curves need only the records; the t-SNE figures (``tsne=True``) only the records
-    and the features saved with them. ``redraw=False`` draws only the t-SNE figures that are
+    Trade-off curves need only the records, the inversion figures (Figure 3) the illustration
+    images saved with them; the t-SNE figures and the Figure-2 compositions (``tsne=True``) the
+    records and the features saved with them, each panel embedded once. ``redraw=False`` draws only the t-SNE figures that are
     missing, incomplete or older than what they show (embedding is the slow part). With
     ``strict=False`` a figure that fails is reported on stderr instead of raised: the records and
     tables are already safe when a run calls this at its end.
     """
+    from bench.report.inversion import write_inversion_figures
     from bench.report.plots import write_tradeoff_figures
 
     run_dir = Path(run_dir)
     records = [r for r in RecordStore(run_dir).read_all() if only is None or r["cell_id"] in only]
-    steps = [("trade-off curves", lambda: write_tradeoff_figures(run_dir, records))]
+    steps = [("trade-off curves", lambda: write_tradeoff_figures(run_dir, records)),
+             ("inversion figures", lambda: write_inversion_figures(run_dir, only=only))]  # fmt: skip
     if tsne and records:
+        from bench.report.figure2 import write_figure2
         from bench.report.tsne import write_tsne_figures
 
-        steps.append(("t-SNE", lambda: write_tsne_figures(run_dir, only=only, redraw=redraw)))
+        memo: dict = {}
+        steps.append(("t-SNE", lambda: write_tsne_figures(run_dir, only=only, redraw=redraw, memo=memo)))
+        steps.append(("Figure 2", lambda: write_figure2(run_dir, only=only, redraw=redraw, memo=memo)))
     pngs: list[Path] = []
     for what, step in steps:
         try:
