@@ -32,6 +32,7 @@ from bench.core.params import PluginParams
 from bench.core.plugin import DatasetMeta
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from bench.orchestration.config import GridConfig, PluginSpec
+from defenses.base import Defense
 
 # Bump when a change to the harness (splits, poisoning, training loop) alters what a cached
 # artifact would contain; a change to one plugin bumps that plugin's own ``version`` instead.
@@ -100,6 +101,33 @@ def check_data(config: GridConfig, meta: DatasetMeta) -> None:
                          f"({meta.num_classes} classes: 0 to {meta.num_classes - 1})")  # fmt: skip
 
 
+def check_report(config: GridConfig, defenses: list[tuple[PluginSpec, Defense]]) -> None:
+    """``report.figure2`` names swept defenses and intensities the grid computes.
+
+    A low or high intensity that no cell has would leave its t-SNE panel empty: the value is
+    compared with the swept values after the defense's own validation (``pad: 4.0`` is ``4``).
+    """
+    for name, choice in config.report.figure2.items():
+        swept = [d for _, d in defenses if d.name == name and d.intensity_param]
+        if not swept:
+            knobbed = sorted({d.name for _, d in defenses if d.intensity_param})
+            raise BenchError(f"report.figure2.{name}: no defense {name!r} with an intensity knob in the grid "
+                             f"(swept defenses here: {', '.join(knobbed) or 'none'})")  # fmt: skip
+        knob = swept[0].intensity_param
+        values = sorted({d.intensity for d in swept})
+        for which in ("low", "high"):
+            value = getattr(choice, which)
+            if value is None:
+                continue
+            try:
+                wanted = DEFENSES.create(name, {knob: value}).intensity
+            except BenchError as err:
+                raise BenchError(f"report.figure2.{name}.{which}: {err}") from None
+            if wanted not in values:
+                raise BenchError(f"report.figure2.{name}.{which}: {knob} {wanted} is not among the grid's values "
+                                 f"{values}")  # fmt: skip
+
+
 def _holdout_count(config: GridConfig, meta: DatasetMeta) -> int | None:
     return None if meta.train_size is None else round(config.holdout * meta.train_size)
 
@@ -124,10 +152,11 @@ def compile_grid(config: GridConfig, data_root: str | Path | None = None) -> lis
     for spec in config.attacks:
         attack = ATTACKS.create(spec.name, spec.params)
         attacks.append((_normalised(spec, attack.params), attack))
-    defenses = []
+    defenses: list[tuple[PluginSpec, Defense]] = []
     for spec in expand_defenses(config.defenses):
         defense = DEFENSES.create(spec.name, spec.params)
         defenses.append((_normalised(spec, defense.params), defense))
+    check_report(config, defenses)
     labels = [spec.display() for spec, _ in defenses]
     if len(set(labels)) != len(labels):
         raise BenchError(f"two defense entries have the same label {labels}; give them distinct 'label's")

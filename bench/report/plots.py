@@ -74,7 +74,7 @@ def intensity_param(defense: str) -> str | None:
         return None
 
 
-def _other_params(row: pd.Series, knob: str | None) -> dict[str, Any]:
+def other_params(row: pd.Series, knob: str | None) -> dict[str, Any]:
     """The defense's parameters other than its knob: the intensities of one curve share them."""
     params = row.get("defense_params")
     return {k: v for k, v in sorted(params.items()) if k != knob} if isinstance(params, dict) else {}
@@ -89,7 +89,7 @@ def _curve_names(others: list[dict[str, Any]]) -> list[str]:
 def tradeoff_groups(df: pd.DataFrame) -> list[dict[str, Any]]:
     """One entry per (dataset, model, defense curve, attack) with at least two intensities.
 
-    Each entry holds the curve (``intensity``, mean and std of BA and ASR over seeds) and the
+    Each entry holds the defense's other parameters (``others``: shared by the curve's cells), the curve (``intensity``, mean and std of BA and ASR over seeds) and the
     no-defense reference (mean BA and ASR of the ``none`` cells of the same attack), or None.
     """
     if df.empty or "intensity" not in df.columns:
@@ -99,7 +99,7 @@ def tradeoff_groups(df: pd.DataFrame) -> list[dict[str, Any]]:
     if knobbed.empty:
         return []
     knobbed["_knob"] = [intensity_param(d) for d in knobbed["defense"]]
-    others = [_other_params(r, k) for (_, r), k in zip(knobbed.iterrows(), knobbed["_knob"], strict=True)]
+    others = [other_params(r, k) for (_, r), k in zip(knobbed.iterrows(), knobbed["_knob"], strict=True)]
     knobbed["_others"] = [repr(o) for o in others]
     by_repr = dict(zip(knobbed["_others"], others, strict=True))
     names: dict[tuple[str, str], str] = {}
@@ -122,6 +122,7 @@ def tradeoff_groups(df: pd.DataFrame) -> list[dict[str, Any]]:
                         & (reference["attack_label"] == attack)]  # fmt: skip
         groups.append({
             "dataset": dataset, "model": model, "defense": defense, "fixed": fixed,
+            "others": by_repr[cells["_others"].iloc[0]],
             "knob": cells["_knob"].iloc[0] or "intensity", "attack": attack,
             "curve": curve.reset_index(), "n_seeds": int(cells["seed"].nunique()),
             "reference": None if ref.empty else {"ba": float(ref["ba"].mean()), "asr": float(ref["asr"].mean())},
@@ -132,16 +133,26 @@ def tradeoff_groups(df: pd.DataFrame) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- trade-off figures
 
 
-def _tick(value: Any) -> str:
+def tick_label(value: Any) -> str:
     """``4.0`` -> ``4``: intensities come back as floats from a column that also holds NaN."""
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def tradeoff_figure(group: dict[str, Any]) -> Figure:
     """BA and ASR (%) against the defense's intensity, no-defense levels dashed."""
-    curve = group["curve"]
     fig = Figure(figsize=(6.0, 4.4), layout="constrained")
     ax = fig.add_subplot()
+    draw_tradeoff(ax, group)
+    seeds = f", mean ± std over {group['n_seeds']} seeds" if group["n_seeds"] > 1 else ""
+    ax.set_title(f"{group['defense']} vs {group['attack']}\n{group['dataset']} / {group['model']}{seeds}",
+                 fontsize="medium")  # fmt: skip
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False, fontsize="small")
+    return fig
+
+
+def draw_tradeoff(ax: Any, group: dict[str, Any]) -> None:
+    """The curves of one :func:`tradeoff_groups` entry on ``ax`` (no title, no legend)."""
+    curve = group["curve"]
     x = pd.to_numeric(curve["intensity"], errors="coerce")
     if x.isna().any():  # a non-numeric knob (e.g. a mode name): evenly spaced, labelled ticks
         x = pd.Series(range(len(curve)), dtype=float)
@@ -153,14 +164,9 @@ def tradeoff_figure(group: dict[str, Any]) -> Figure:
         if group["reference"] is not None:
             ax.axhline(group["reference"][metric], color=colour, ls="--", lw=1.4, label=f"{name}, no defense")
     ax.set_ylim(-3, 103)
-    ax.set_xticks(list(x), [_tick(v) for v in curve["intensity"]])
+    ax.set_xticks(list(x), [tick_label(v) for v in curve["intensity"]])
     ax.set_xlabel(f"{group['defense']} {group['knob']}" + (f"  ({group['fixed']})" if group["fixed"] else ""))
     ax.set_ylabel("rate (%)")
-    seeds = f", mean ± std over {group['n_seeds']} seeds" if group["n_seeds"] > 1 else ""
-    ax.set_title(f"{group['defense']} vs {group['attack']}\n{group['dataset']} / {group['model']}{seeds}",
-                 fontsize="medium")  # fmt: skip
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False, fontsize="small")
-    return fig
 
 
 def tradeoff_stem(group: dict[str, Any]) -> str:

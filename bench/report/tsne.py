@@ -201,11 +201,53 @@ def class_colours(n: int) -> list:
     return list(PALETTE) if n <= len(PALETTE) else sns.color_palette("husl", n)
 
 
+def draw_panel(ax: Any, panel: PanelResult, benign_y: np.ndarray, poison_y: np.ndarray, classes: list[str],
+               target: int) -> None:  # fmt: skip
+    """One t-SNE panel on ``ax``: colour = true class, circle = benign, X = poisoned; centroids marked."""
+    n_benign = benign_y.shape[0]
+    colours = class_colours(len(classes))
+    benign, poison = panel.embedding[:n_benign], panel.embedding[n_benign:]
+    ax.scatter(benign[:, 0], benign[:, 1], c=[colours[c] for c in benign_y], s=9, alpha=0.55, lw=0,
+               marker="o", rasterized=True)  # fmt: skip
+    ax.scatter(poison[:, 0], poison[:, 1], c=[colours[c] for c in poison_y], s=30, alpha=0.9, marker="X",
+               edgecolors="black", linewidths=0.4, rasterized=True)  # fmt: skip
+    for c in np.unique(benign_y):
+        cx, cy = benign[benign_y == c].mean(0)
+        ax.scatter([cx], [cy], s=110, color=colours[c], edgecolors="black", linewidths=1.2, zorder=4)
+        ax.annotate(classes[c], (cx, cy), xytext=(5, 5), textcoords="offset points", fontsize=7.5,
+                    weight="bold" if c == target else "normal", zorder=5,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})  # fmt: skip
+    if poison.shape[0]:
+        px, py = poison.mean(0)
+        ax.scatter([px], [py], s=320, marker="*", color="black", edgecolors="white", linewidths=1.0, zorder=6)
+    metrics = ""
+    if panel.record is not None:
+        metrics = f"BA {panel.record['ba']:.1f} · ASR {panel.record['asr']:.1f} · "
+    ax.set_title(f"{panel.label}\n{metrics}poisoned in target cluster {panel.poison_to_target:.0f}%",
+                 fontsize="small")  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("t-SNE 1", fontsize="small")
+    ax.set_ylabel("t-SNE 2", fontsize="small")
+
+
+def legend_handles(classes: list[str]) -> list[Line2D]:
+    """The legend of t-SNE panels: the classes (up to 20), benign/poisoned markers, centroids."""
+    colours = class_colours(len(classes))
+    handles = [Line2D([], [], ls="", marker="o", color=colours[i], label=name) for i, name in enumerate(classes)]
+    if len(handles) > 20:  # too many classes to list: colours still separate them
+        handles = []
+    return handles + [
+        Line2D([], [], ls="", marker="o", color="grey", ms=5, label="benign"),
+        Line2D([], [], ls="", marker="X", color="grey", mec="black", ms=8, label="poisoned"),
+        Line2D([], [], ls="", marker="o", color="white", mec="black", mew=1.2, ms=10, label="class centroid"),
+        Line2D([], [], ls="", marker="*", color="black", ms=14, label="poisoned centroid"),
+    ]  # fmt: skip
+
+
 def tsne_figure(panels: list[PanelResult], benign_y: np.ndarray, poison_y: np.ndarray, classes: list[str], target: int,
                 title: str) -> Figure:  # fmt: skip
     """One panel per defense; colour = true class, circle = benign, X = poisoned; centroids marked."""
-    n_benign = benign_y.shape[0]
-    colours = class_colours(len(classes))
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(3.9 * ncols + 1.6, 3.9 * nrows + 0.7), layout="constrained")
@@ -213,39 +255,8 @@ def tsne_figure(panels: list[PanelResult], benign_y: np.ndarray, poison_y: np.nd
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     for ax, panel in zip(axes, panels, strict=False):
-        benign, poison = panel.embedding[:n_benign], panel.embedding[n_benign:]
-        ax.scatter(benign[:, 0], benign[:, 1], c=[colours[c] for c in benign_y], s=9, alpha=0.55, lw=0,
-                   marker="o", rasterized=True)  # fmt: skip
-        ax.scatter(poison[:, 0], poison[:, 1], c=[colours[c] for c in poison_y], s=30, alpha=0.9, marker="X",
-                   edgecolors="black", linewidths=0.4, rasterized=True)  # fmt: skip
-        for c in np.unique(benign_y):
-            cx, cy = benign[benign_y == c].mean(0)
-            ax.scatter([cx], [cy], s=110, color=colours[c], edgecolors="black", linewidths=1.2, zorder=4)
-            ax.annotate(classes[c], (cx, cy), xytext=(5, 5), textcoords="offset points", fontsize=7.5,
-                        weight="bold" if c == target else "normal", zorder=5,
-                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})  # fmt: skip
-        if poison.shape[0]:
-            px, py = poison.mean(0)
-            ax.scatter([px], [py], s=320, marker="*", color="black", edgecolors="white", linewidths=1.0, zorder=6)
-        metrics = ""
-        if panel.record is not None:
-            metrics = f"BA {panel.record['ba']:.1f} · ASR {panel.record['asr']:.1f} · "
-        ax.set_title(f"{panel.label}\n{metrics}poisoned in target cluster {panel.poison_to_target:.0f}%",
-                     fontsize="small")  # fmt: skip
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel("t-SNE 1", fontsize="small")
-        ax.set_ylabel("t-SNE 2", fontsize="small")
-    handles = [Line2D([], [], ls="", marker="o", color=colours[i], label=name) for i, name in enumerate(classes)]
-    if len(handles) > 20:  # too many classes to list: colours still separate them
-        handles = []
-    handles += [
-        Line2D([], [], ls="", marker="o", color="grey", ms=5, label="benign"),
-        Line2D([], [], ls="", marker="X", color="grey", mec="black", ms=8, label="poisoned"),
-        Line2D([], [], ls="", marker="o", color="white", mec="black", mew=1.2, ms=10, label="class centroid"),
-        Line2D([], [], ls="", marker="*", color="black", ms=14, label="poisoned centroid"),
-    ]  # fmt: skip
-    fig.legend(handles=handles, loc="outside right center", fontsize="small", title="class / sample",
+        draw_panel(ax, panel, benign_y, poison_y, classes, target)
+    fig.legend(handles=legend_handles(classes), loc="outside right center", fontsize="small", title="class / sample",
                title_fontsize="small", frameon=False)  # fmt: skip
     fig.suptitle(title, fontsize="medium")
     return fig
@@ -264,7 +275,7 @@ class PanelFeatures:
     saved: CellFeatures  # the file they came from (labels, classes, target, sample settings)
 
 
-def _panel_features(store: RecordStore, panel: Panel) -> PanelFeatures | None:
+def panel_features(store: RecordStore, panel: Panel) -> PanelFeatures | None:
     saved = store.read_features(panel.source)
     if saved is None:
         return None
@@ -286,15 +297,20 @@ def configured_sample(run_dir: Path) -> tuple[int, int] | None:
         return None
 
 
+def newer_than(files: list[Path], sources: list[Path]) -> bool:
+    """Whether all ``files`` exist and none is older than any existing source."""
+    if not all(f.is_file() for f in files):
+        return False
+    newest = max((p.stat().st_mtime_ns for p in sources if p.exists()), default=0)
+    return min(f.stat().st_mtime_ns for f in files) >= newest
+
+
 def is_up_to_date(store: RecordStore, figure: TsneFigure) -> bool:
     """Whether all of the figure's files exist, are newer than every record and features file
     they are drawn from, and show exactly its panels (a figure cut off by a killed run is not)."""
     files = figure.files()
-    if not all(f.is_file() for f in files):
-        return False
-    sources = [store.features_path(p.source) for p in figure.panels] + [store.path(p.source) for p in figure.panels]
-    newest = max((p.stat().st_mtime_ns for p in sources if p.exists()), default=0)
-    if min(f.stat().st_mtime_ns for f in files) < newest:
+    if not newer_than(files, [store.features_path(p.source) for p in figure.panels]
+                      + [store.path(p.source) for p in figure.panels]):  # fmt: skip
         return False
     try:
         drawn = pd.read_csv(files[-1], usecols=["panel"])["panel"].astype(str)
@@ -306,7 +322,7 @@ def is_up_to_date(store: RecordStore, figure: TsneFigure) -> bool:
 def load_panels(store: RecordStore, figure: TsneFigure, sample: tuple[int, int] | None = None) -> list[PanelFeatures]:
     """The figure's panels whose features are saved and embed one sample: the configured one
     (``sample`` = per_class, poisoned_per_class), else the first panel's. The others are named on stderr."""
-    loaded = {panel.label: _panel_features(store, panel) for panel in figure.panels}
+    loaded = {panel.label: panel_features(store, panel) for panel in figure.panels}
     found = [f for f in loaded.values() if f is not None]
     missing = [label for label, f in loaded.items() if f is None]
     if sample is not None:
@@ -323,19 +339,35 @@ def load_panels(store: RecordStore, figure: TsneFigure, sample: tuple[int, int] 
     return usable
 
 
-def draw_figure(store: RecordStore, figure: TsneFigure, sample: tuple[int, int] | None = None) -> Path | None:
+# An embedding depends on its points and seed only: (features file, reference?, seed) -> (2-D points, share).
+EmbeddingMemo = dict[tuple[str, bool, int], tuple[np.ndarray, float]]
+
+
+def embed_panels(panels: list[PanelFeatures], seed: int, desc: str, memo: EmbeddingMemo | None = None) -> list[PanelResult]:
+    """Embed each panel's features (the slow part); ``memo`` lets figures drawn in one process
+    (the t-SNE figures and Figure 2 show the same panels) embed each panel once."""
+    memo = {} if memo is None else memo
+    results = []
+    for item in tqdm(panels, desc=desc, unit="panel", disable=None):
+        key = (item.panel.source, item.panel.reference, seed)
+        if key not in memo:
+            benign, poisoned = item.benign.astype(np.float64), item.poisoned.astype(np.float64)
+            share = poison_to_target(benign, item.saved.benign_labels, poisoned, item.saved.target)
+            memo[key] = (embed(np.concatenate([benign, poisoned]), seed), share)
+        embedding, share = memo[key]
+        results.append(PanelResult(item.panel.label, embedding, share, item.panel.record))
+    return results
+
+
+def draw_figure(store: RecordStore, figure: TsneFigure, sample: tuple[int, int] | None = None,
+                memo: EmbeddingMemo | None = None) -> Path | None:  # fmt: skip
     """Embed and draw one figure from saved features; its PNG, or None when no panel has features."""
     panels = load_panels(store, figure, sample)
     if not panels:
         return None
     saved = panels[0].saved
     first, seed = figure.first, int(figure.first["seed"])
-    results = []
-    for item in tqdm(panels, desc=f"t-SNE [{first['attack_label']}]", unit="panel", disable=None):
-        benign, poisoned = item.benign.astype(np.float64), item.poisoned.astype(np.float64)
-        share = poison_to_target(benign, saved.benign_labels, poisoned, saved.target)
-        points = np.concatenate([benign, poisoned])
-        results.append(PanelResult(item.panel.label, embed(points, seed), share, item.panel.record))
+    results = embed_panels(panels, seed, f"t-SNE [{first['attack_label']}]", memo)
     classes, target = saved.classes, saved.target
     dataset, model = first.get("dataset_label", first["dataset"]), first.get("model_label", first["model"])
     title = (f"t-SNE of penultimate features: {first['attack_label']} on {dataset} / {model} (seed {seed}; "
@@ -354,6 +386,7 @@ def write_tsne_figures(
     defenses: list[str] | None = None,
     only: set[str] | None = None,
     redraw: bool = True,
+    memo: EmbeddingMemo | None = None,
 ) -> list[Path]:
     """Draw the run's t-SNE figures from its saved features; return the PNGs drawn.
 
@@ -367,7 +400,7 @@ def write_tsne_figures(
     pngs = []
     for figure in figure_plan(run_dir, records, attacks, defenses):
         if redraw or not is_up_to_date(store, figure):
-            png = draw_figure(store, figure, sample)
+            png = draw_figure(store, figure, sample, memo)
             pngs += [png] if png is not None else []
     return pngs
 
