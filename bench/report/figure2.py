@@ -42,6 +42,7 @@ from bench.report.tsne import (
     legend_handles,
     newer_than,
     panel_features,
+    reuse_saved_embeddings,
 )
 
 PREFIX = "figure2_"
@@ -183,13 +184,17 @@ def write_figure2(
     store = RecordStore(run_dir)
     records = [r for r in store.read_all() if only is None or r["cell_id"] in only]
     sample = configured_sample(run_dir)
-    pngs = []
+    memo = {} if memo is None else memo
+    pngs, reused = [], False
     for figure in figure_plan(run_dir, records):
         cells = {p.source for row in figure.rows for p in row.panels} | {
             r["cell_id"] for r in records if r["defense"] in {row.group["defense"] for row in figure.rows}}
         sources = [store.features_path(c) for c in cells] + [store.path(c) for c in cells]
         if not redraw and newer_than(figure.files(), sources):
             continue
+        if not reused:  # the panels the t-SNE figures show are embedded already
+            reuse_saved_embeddings(store, run_dir, records, memo)
+            reused = True
         png = draw(store, figure, memo, sample)
         pngs += [png] if png is not None else []
     return pngs

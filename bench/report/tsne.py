@@ -359,6 +359,25 @@ def embed_panels(panels: list[PanelFeatures], seed: int, desc: str, memo: Embedd
     return results
 
 
+def reuse_saved_embeddings(store: RecordStore, run_dir: Path, records: list[dict[str, Any]], memo: EmbeddingMemo) -> None:
+    """Put the embeddings of the run's up-to-date t-SNE figures (their CSVs) into ``memo``, so a
+    figure that shows the same panels (Figure 2) does not embed them again."""
+    for figure in figure_plan(run_dir, records):
+        if not is_up_to_date(store, figure):
+            continue
+        points = pd.read_csv(figure.stem.with_suffix(".csv"))
+        seed = int(figure.first["seed"])
+        for panel in figure.panels:
+            key = (panel.source, panel.reference, seed)
+            item = panel_features(store, panel) if key not in memo else None
+            rows = points[points["panel"].astype(str) == panel.label]
+            if item is None or len(rows) != item.benign.shape[0] + item.poisoned.shape[0]:
+                continue
+            share = poison_to_target(item.benign.astype(np.float64), item.saved.benign_labels,
+                                     item.poisoned.astype(np.float64), item.saved.target)  # fmt: skip
+            memo[key] = (rows[["x", "y"]].to_numpy(np.float64), share)
+
+
 def draw_figure(store: RecordStore, figure: TsneFigure, sample: tuple[int, int] | None = None,
                 memo: EmbeddingMemo | None = None) -> Path | None:  # fmt: skip
     """Embed and draw one figure from saved features; its PNG, or None when no panel has features."""
