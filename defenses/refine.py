@@ -121,6 +121,8 @@ class Refine(Defense):
 
     trainable = True
     version = 2  # the public code's U-Net (UNetLittle), io_space, the milestone rule
+    # The share of benign data is the knob of the benign-data sweep (a new fit per value).
+    intensity_param = "benign_fraction"
 
     class Params(PluginParams):
         width: int | None = Field(None, ge=1, description="U-Net base width c; null: 64 up to 64-px images, else 32 (the paper's)")
