@@ -207,3 +207,10 @@ def test_refine_benign_fraction_is_a_knob_that_sets_the_benign_count(tmp_path: P
     raw["defenses"][0]["benign_fraction"] = [0.02, 0.2]  # more than the holdout: refused before work
     with pytest.raises(BenchError, match="benign_fraction 0.2 needs 300 clean samples but the holdout has 150"):
         compile_grid(validate(raw, "test"))
+
+
+def test_a_merge_of_slices_keeps_the_illustrations(run: Path, tmp_path: Path) -> None:
+    assert main(["table", str(run), "--out", str(tmp_path / "merged")]) == 0
+    assert sorted(p.name for p in (tmp_path / "merged" / "illustrations").glob("*.npz")) == sorted(
+        p.name for p in (run / "illustrations").glob("*.npz"))
+    assert (tmp_path / "merged" / "figures" / "figure3_badnets.png").is_file()

@@ -143,8 +143,8 @@ def check_merge_out(out: Path, inputs: list[Path]) -> None:
 
 
 def _clear_earlier_merge(out: Path) -> None:
-    """Remove what an earlier merge into ``out`` wrote (records, features, figures, tables)."""
-    for sub in ("records", "features", FIGURE_DIR):
+    """Remove what an earlier merge into ``out`` wrote (records, features, illustrations, figures, tables)."""
+    for sub in ("records", "features", "illustrations", FIGURE_DIR):
         shutil.rmtree(out / sub, ignore_errors=True)
     for name in MERGED_FILES:
         (out / name).unlink(missing_ok=True)
@@ -159,7 +159,7 @@ def merge_runs(run_dirs: list[Path], out: Path, tsne: bool = True) -> tuple[str,
     """Merge the run directories into ``out``; return (Markdown table, number of cells).
 
     Records are copied with their grid position renumbered for the combined grid (everything
-    else unchanged); saved features and the slices' figures are copied with their times, so a
+    else unchanged); saved features, illustrations and the slices' figures are copied with their times, so a
     t-SNE figure a slice already drew is not drawn again (``tsne``: draw the missing ones).
     """
     run_dirs = [Path(p) for p in run_dirs]
@@ -188,9 +188,10 @@ def merge_runs(run_dirs: list[Path], out: Path, tsne: bool = True) -> tuple[str,
         for cell_id, (part, record) in cells.items():
             order = list(record.get("order", (0, 0, 0, 0, 0)))
             order[2:5] = [attacks[record["attack_label"]], defenses[record["defense_label"]], seeds[record["seed"]]]
-            features = part.store.features_path(cell_id)
-            if features.is_file():
-                _copy_keeping_time(features, store.features_path(cell_id))
+            for saved, dest in ((part.store.features_path(cell_id), store.features_path(cell_id)),
+                                (part.store.illustrations_path(cell_id), store.illustrations_path(cell_id))):
+                if saved.is_file():
+                    _copy_keeping_time(saved, dest)
             source = part.store.path(cell_id)
             atomic_write_json({**record, "order": order}, store.path(cell_id))
             stat = source.stat()
