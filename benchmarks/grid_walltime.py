@@ -123,17 +123,17 @@ def estimate(args: argparse.Namespace) -> None:
 
         print("\n".join(walltime_lines([("the whole grid", config, fresh_plan(config))], args.reference)))
         return
-    recipe = config.train
     # The jobs a fresh run would plan: the same counting as `run_bench.py run --dry-run`.
     jobs = list(fresh_plan(config))
-    trainings = sum(j.kind in ("model", "clean") for j in jobs)
-    cells = sum(j.kind == "cell" for j in jobs)
     fits = [j.cell.defense for j in jobs if j.kind == "defense"]
     training = read_rows(args.training_csv)
     refine = read_rows(args.refine_csv)
     rows: list[dict[str, Any]] = []
     device = {r["device"] for r in training + refine}
-    for model in [spec.name for spec in config.models]:
+    for index, spec in enumerate(config.models):
+        model, recipe = spec.name, config.train_for(spec)  # each model trains with its own recipe
+        trainings = sum(j.kind in ("model", "clean") and j.cell.order[1] == index for j in jobs)
+        cells = sum(j.kind == "cell" and j.cell.order[1] == index for j in jobs)
         match = [r for r in training if r["model"] == model and int(r["batch_size"]) == recipe.batch_size]
         if not match:
             raise BenchError(f"{args.training_csv} has no row for model {model!r} at batch size {recipe.batch_size}")

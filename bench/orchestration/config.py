@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from attacks.base import PoisonPool
 from bench.core.determinism import Deterministic
@@ -41,6 +41,8 @@ class PluginSpec(BaseModel):
     """A registered name plus its parameters, and an optional display label."""
 
     value_phrase: ClassVar[tuple[str, str]] = ("a plugin name or {name: ..., parameters}", "plugin entries")
+    # Keys of an entry that are settings of the entry itself, not parameters of the plugin.
+    entry_keys: ClassVar[tuple[str, ...]] = ()
     model_config = ConfigDict(extra="forbid")
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -52,9 +54,15 @@ class PluginSpec(BaseModel):
         if isinstance(value, str):
             return {"name": value}
         if isinstance(value, dict) and "params" not in value:
-            rest = {k: v for k, v in value.items() if k not in ("name", "label")}
-            return {"name": value.get("name"), "label": value.get("label"), "params": rest}
+            own = ("name", "label", *cls.entry_keys)
+            rest = {k: v for k, v in value.items() if k not in own}
+            entry = {k: value[k] for k in cls.entry_keys if k in value}
+            return {"name": value.get("name"), "label": value.get("label"), **entry, "params": rest}
         return value
+
+    def identity_key(self) -> str:
+        """What makes two entries of one list the same entry (their cells would merge)."""
+        return json.dumps([self.name, self.params], sort_keys=True, default=str)
 
     def display(self) -> str:
         if self.label:
@@ -62,6 +70,21 @@ class PluginSpec(BaseModel):
         if not self.params:
             return self.name
         return f"{self.name}(" + ", ".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+
+
+class ModelSpec(PluginSpec):
+    """A model entry; ``train`` holds training settings of this model's own, merged over the grid's
+    ``train`` (``{name: vgg16, train: {lr: 0.01}}``: the paper trains VGG-16 at lr 0.01 where the
+    other CNNs use 0.1). The merged recipe is the one that enters the model's cache key."""
+
+    value_phrase: ClassVar[tuple[str, str]] = (
+        "a model name or {name: ..., parameters, train: {...}}", "model entries")
+    entry_keys: ClassVar[tuple[str, ...]] = ("train",)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    def identity_key(self) -> str:
+        """Name, parameters and training overrides: the same model only if all three agree."""
+        return json.dumps([self.name, self.params, self.train], sort_keys=True, default=str)
 
 
 class PoisonSettings(BaseModel):
@@ -137,7 +160,7 @@ class GridConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str | None = None
     datasets: list[PluginSpec] = Field(min_length=1)
-    models: list[PluginSpec] = Field(min_length=1)
+    models: list[ModelSpec] = Field(min_length=1)
     attacks: list[PluginSpec] = Field(min_length=1)
     defenses: list[PluginSpec] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -184,7 +207,7 @@ class GridConfig(BaseModel):
         seen: dict[str, PluginSpec] = {}
         labels: dict[str, PluginSpec] = {}
         for spec in v:
-            key = json.dumps([spec.name, spec.params], sort_keys=True, default=str)
+            key = spec.identity_key()
             if key in seen:
                 raise ValueError(f"{spec.display()!r} is listed twice; list each entry once")
             if spec.display() in labels:
@@ -199,8 +222,35 @@ class GridConfig(BaseModel):
             return v
         raise ValueError(f"must be true, false or warn, got {v!r}")
 
+    @model_validator(mode="after")
+    def _model_recipes(self) -> "GridConfig":
+        """Every model's merged training recipe must be valid (checked here, before any work)."""
+        for i, spec in enumerate(self.models):
+            self.train_for(spec, where=f"models[{i}].train")
+        return self
+
+    def train_for(self, model: PluginSpec, where: str | None = None) -> TrainRecipe:
+        """The training recipe of ``model``: the grid's ``train`` with the entry's own ``train`` over it."""
+        overrides = getattr(model, "train", None)
+        if not overrides:
+            return self.train
+        merged = {**recipe_json(self.train), **overrides}
+        try:
+            return _RECIPE.validate_python(merged)
+        except ValidationError as err:
+            owner = where or f"model {model.name!r}: train"
+            raise ValueError(validation_error_line(err, TrainRecipe, merged, owner, unknown="setting")) from None
+
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+_RECIPE = TypeAdapter(TrainRecipe)
+
+
+def recipe_json(recipe: TrainRecipe) -> dict[str, Any]:
+    """A training recipe as plain JSON values (its part of a model's cache key and record)."""
+    return _RECIPE.dump_python(recipe, mode="json")
 
 
 # ---------------------------------------------------------------------------- loading

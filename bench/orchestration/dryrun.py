@@ -97,9 +97,9 @@ def work_items(config: GridConfig, plan: Plan, data_root: str | Path | None = No
     for job in plan:
         cell, meta = job.cell, metas[_dataset_key(job.cell)]
         if job.kind in ("model", "clean"):
-            images = _train_images(config, cell, sizes)
-            trainings.append((cell.model.name, config.train.batch_size,
-                              images * config.train.epochs if images is not None else float("nan")))  # fmt: skip
+            passes = _train_passes(config, cell, sizes)  # the model's own recipe: its epochs and batch size
+            trainings.append((cell.model.name, config.train_for(cell.model).batch_size,
+                              passes if passes is not None else float("nan")))  # fmt: skip
         elif job.kind == "defense":
             width = refine_width(cell.defense.params, meta.height) if cell.defense.name == "refine" else None
             fits.append((cell.defense.name, width, _fit_passes(config, cell, sizes)))
@@ -130,14 +130,16 @@ def work_summary(config: GridConfig, plan: Plan, data_root: str | Path | None = 
     models = [j for j in jobs if j.kind in ("model", "clean")]
     fits = [j for j in jobs if j.kind == "defense"]
     evals = [j for j in jobs if j.kind == "cell"]
-    epochs = config.train.epochs
+    # Each model trains with its own recipe (the grid's ``train`` under the entry's overrides).
+    epoch_counts = sorted({config.train_for(j.cell.model).epochs for j in models} or {config.train.epochs})
+    epochs = "/".join(str(e) for e in epoch_counts)
     sizes = nominal_sizes(plan.cells, data_root)
-    train_passes = _sum(_train_images(config, j.cell, sizes) for j in models)
+    train_passes = _sum(_train_passes(config, j.cell, sizes) for j in models)
     fit_passes = _sum(_fit_passes(config, j.cell, sizes) for j in fits)
     eval_images = _sum(_eval_images(j.cell, sizes) for j in evals)
     out = [
         f"remaining work ({len(plan.done_cells)} of {len(plan.cells)} cells already done):",
-        f"  model trainings: {len(models)} x {epochs} epochs -> {_count(train_passes and train_passes * epochs)} "
+        f"  model trainings: {len(models)} x {epochs} epochs -> {_count(train_passes)} "
         "image-passes",
     ]
     by_defense = Counter(j.cell.defense.name for j in fits)
@@ -157,9 +159,10 @@ def _sizes(cell: Cell, sizes: Sizes) -> tuple[int, int] | None:
     return sizes[cell.dataset.model_dump_json(exclude={"label"})]
 
 
-def _train_images(config: GridConfig, cell: Cell, sizes: Sizes) -> float | None:
+def _train_passes(config: GridConfig, cell: Cell, sizes: Sizes) -> float | None:
+    """Epochs x attacker images of the cell's model training."""
     known = _sizes(cell, sizes)
-    return None if known is None else known[0] * (1 - config.holdout)
+    return None if known is None else known[0] * (1 - config.holdout) * config.train_for(cell.model).epochs
 
 
 def _fit_passes(config: GridConfig, cell: Cell, sizes: Sizes) -> float | None:

@@ -11,7 +11,8 @@ share a key and bumping a plugin's version invalidates exactly what it produced.
 
 - ``data_key``: the (attacker, defender) split: dataset (training identity), holdout, seed.
 - ``model_key``: everything that determines the backdoored model (the split, model, attack,
-  poisoning settings, training recipe). Defenses that share it share one trained model.
+  poisoning settings, the model's training recipe -- the grid's ``train`` with the model entry's
+  own ``train`` settings over it). Defenses that share it share one trained model.
 - ``defense_key``: the model key plus the defense's identity -- without the intensity knob when
   the knob does not change the fitted state -- for trainable defenses.
 - ``cell_id``: the model key plus the defense's full identity: one JSON record per id.
@@ -31,7 +32,8 @@ from bench.core.files import stable_hash
 from bench.core.params import PluginParams
 from bench.core.plugin import DatasetMeta
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS
-from bench.orchestration.config import GridConfig, PluginSpec
+from bench.nn.train import TrainRecipe
+from bench.orchestration.config import GridConfig, PluginSpec, recipe_json
 from defenses.base import Defense
 
 # Bump when a change to the harness (splits, poisoning, training loop) alters what a cached
@@ -185,12 +187,13 @@ def compile_grid(config: GridConfig, data_root: str | Path | None = None) -> lis
             evaluation["eval_amp"] = False
         for mi, (model_spec, model_cls, model_params) in enumerate(models):
             model_id = model_cls.identity_of(model_params)
+            recipe = config.train_for(model_spec)
             for ai, (attack_spec, attack) in enumerate(attacks):
                 for si, seed in enumerate(config.seeds):
                     data_key = stable_hash({"v": ARTIFACT_VERSION, "dataset": dataset.training_identity(),
                                             "holdout": config.holdout, "seed": seed})  # fmt: skip
-                    key = model_key(config, data_key, model_id, attack.identity())
-                    clean_key = model_key(config, data_key, model_id, clean.identity())
+                    key = model_key(config, data_key, model_id, attack.identity(), recipe)
+                    clean_key = model_key(config, data_key, model_id, clean.identity(), recipe)
                     for fi, (spec, defense) in enumerate(defenses):
                         knob = defense.intensity_param
                         fit_exclude = (knob,) if knob and not defense.intensity_affects_fit else ()
@@ -207,18 +210,21 @@ def compile_grid(config: GridConfig, data_root: str | Path | None = None) -> lis
     return cells
 
 
-def model_key(config: GridConfig, data_key: str, model: dict[str, Any], attack: dict[str, Any]) -> str:
+def model_key(
+    config: GridConfig, data_key: str, model: dict[str, Any], attack: dict[str, Any], recipe: TrainRecipe
+) -> str:
     """The content hash of the model trained on the split ``data_key`` under ``config``.
 
-    ``model`` and ``attack`` are plugin identities; the ``clean`` reference attack's key is the
-    clean model that clean-label attacks craft their poison with, so it is trained once and
-    shared with the grid's ``clean`` row.
+    ``model`` and ``attack`` are plugin identities and ``recipe`` the model's training recipe
+    (:meth:`GridConfig.train_for`: the grid's, with the model entry's own settings over it); the
+    ``clean`` reference attack's key is the clean model that clean-label attacks craft their
+    poison with, so it is trained once and shared with the grid's ``clean`` row.
     """
     return stable_hash({
         "v": ARTIFACT_VERSION,
         "data": data_key,
         "poison": config.poison.identity(),
-        "train": config.resolved()["train"],
+        "train": recipe_json(recipe),
         "model": model,
         "attack": attack,
     })  # fmt: skip

@@ -38,7 +38,7 @@ from bench.core.registry import ATTACKS, DEFENSES
 from bench.core.seeding import derive_seed, generator, seed_everything
 from bench.core.tsne_sample import CellFeatures, sample_indices
 from bench.nn.train import standard_augment, train_classifier
-from bench.orchestration.config import GridConfig, PluginSpec
+from bench.orchestration.config import GridConfig, PluginSpec, recipe_json
 from bench.orchestration.grid import ARTIFACT_VERSION, Cell
 from bench.orchestration.store import SHARED_PREFIX, ArtifactStore
 from defenses.base import Defense, DefenseContext, MissingArtifactError, Scope, SharedArtifact
@@ -199,9 +199,10 @@ class CellRunner:
             settings = self.config.poison
             poisoned = attack.poison_train(data.attacker_train, settings.rate, settings.target,
                                            generator(cell.seed, "poison"), pool=settings.pool)  # fmt: skip
-            augment = attack.batch_augment(data.attacker_train, poisoned, standard_augment(self.config.train))
+            recipe = self.config.train_for(cell.model)  # the grid's train under the model entry's own
+            augment = attack.batch_augment(data.attacker_train, poisoned, standard_augment(recipe))
             return train_classifier(
-                model, poisoned.train.x, poisoned.train.y, self.config.train, self.device,
+                model, poisoned.train.x, poisoned.train.y, recipe, self.device,
                 derive_seed(cell.seed, "train"), batch_augment=augment,
                 desc=f"train {cell.model.name} [{cell.attack_label}]",
             )  # fmt: skip
@@ -214,8 +215,9 @@ class CellRunner:
         key = cell.clean_model_key
 
         def train(model: nn.Module) -> nn.Module:
-            return train_classifier(model, data.attacker_train.x, data.attacker_train.y, self.config.train,
-                                    self.device, derive_seed(cell.seed, "train"), desc=f"train clean {cell.model.name}")  # fmt: skip
+            return train_classifier(model, data.attacker_train.x, data.attacker_train.y,
+                                    self.config.train_for(cell.model), self.device, derive_seed(cell.seed, "train"),
+                                    desc=f"train clean {cell.model.name}")  # fmt: skip
 
         memo = self._model_memo
         model, _ = self._cached_or_trained(key, cell, data, train)
@@ -349,6 +351,7 @@ class CellRunner:
             "dataset_label": cell.dataset.display(),
             "model": cell.model.name,
             "model_label": cell.model.display(),
+            "train": recipe_json(self.config.train_for(cell.model)),  # the recipe this cell's model was trained with
             "attack": cell.attack.name,
             "attack_label": cell.attack_label,
             "attack_params": cell.attack_params,
