@@ -23,7 +23,7 @@ copied constant, not the pixel std -- which the paper grids set explicitly.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -216,7 +216,6 @@ class TorchvisionResNet18(Classifier):
         return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
-
 # --------------------------------------------------------------------------- the paper's other architectures
 #
 # REFINE's attack script (``attack.py`` and ``utils/getmodel.py`` in the authors' repository) trains
@@ -256,6 +255,12 @@ class MapClassifier(Classifier):
     """
 
     pool: nn.Module
+    # The smallest image side the architecture can take (its poolings would empty the map below it).
+    min_size: ClassVar[int] = 1
+
+    def check(self, meta: DatasetMeta) -> None:
+        if min(meta.height, meta.width) < self.min_size:
+            self.fail(f"needs images of at least {self.min_size} px, got {meta.height}x{meta.width}")
 
     def embed(self, x: Tensor) -> Tensor:
         return self.pool(self.embed_map(x))
@@ -330,6 +335,7 @@ class VGG16(MapClassifier):
         dropout: float = Field(0.5, ge=0, lt=1, description="dropout of the imagenet variant's hidden layers")
 
     params: Params
+    min_size = 32  # five 2x2 max-pools
 
     def __init__(self, num_classes: int, in_channels: int = 3, params: PluginParams | Mapping[str, Any] | None = None,
                  **raw: Any) -> None:  # fmt: skip
@@ -372,6 +378,7 @@ class DenseNet121(MapClassifier):
         drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout after each dense layer")
 
     params: Params
+    min_size = 29  # a stride-2 stem, a max-pool and three 2x2 average pools
 
     def __init__(self, num_classes: int, in_channels: int = 3, params: PluginParams | Mapping[str, Any] | None = None,
                  **raw: Any) -> None:  # fmt: skip
@@ -390,19 +397,17 @@ class DenseNet121(MapClassifier):
         return self.body(x)
 
 
-INCEPTION_MIN_SIZE = 75  # below this, torchvision's InceptionV3 pools a map away before its last block
-
-
 @MODELS.register("inception_v3")
 class InceptionV3(MapClassifier):
     """torchvision's InceptionV3 without the auxiliary head; resizes inputs to 96 px (REFINE's CIFAR-10 setting)."""
 
     class Params(Classifier.Params):
-        input_size: int | None = Field(96, ge=INCEPTION_MIN_SIZE, description="resize inputs (bilinear) to this "
-                                       "square size first (REFINE: 96 for CIFAR-10); null: use them as they are")  # fmt: skip
+        input_size: int | None = Field(96, ge=75, description="resize inputs (bilinear) to this square size "
+                                       "first (REFINE: 96 for CIFAR-10); null: use them as they are")  # fmt: skip
         dropout: float = Field(0.5, ge=0, lt=1, description="dropout before the head")
 
     params: Params
+    min_size = 75  # below this, InceptionV3's strided convolutions and pools empty the map
 
     def __init__(self, num_classes: int, in_channels: int = 3, params: PluginParams | Mapping[str, Any] | None = None,
                  **raw: Any) -> None:  # fmt: skip
@@ -422,9 +427,8 @@ class InceptionV3(MapClassifier):
         self.head = net.fc
 
     def check(self, meta: DatasetMeta) -> None:
-        size = self.params.input_size
-        if size is None and min(meta.height, meta.width) < INCEPTION_MIN_SIZE:
-            self.fail(f"needs images of at least {INCEPTION_MIN_SIZE} px, got {meta.height}x{meta.width}; "
+        if self.params.input_size is None and min(meta.height, meta.width) < self.min_size:
+            self.fail(f"needs images of at least {self.min_size} px, got {meta.height}x{meta.width}; "
                       "set input_size (96 for 32-px images, as REFINE's script)")  # fmt: skip
 
     def embed_map(self, x: Tensor) -> Tensor:
@@ -434,7 +438,6 @@ class InceptionV3(MapClassifier):
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return self.body(x)
-
 
 
 # One-pixel shifts (left, right, up, down) of Shifted Patch Tokenization, as ``F.pad`` amounts.
@@ -537,10 +540,10 @@ class ViTSmall(MapClassifier):
         self.emb_dropout = nn.Dropout(p.emb_dropout)
         self.blocks = nn.Sequential(*(TransformerBlock(p.dim, p.heads, p.dim_head, p.mlp_dim, p.dropout,
                                                        p.locality_attention) for _ in range(p.depth)))  # fmt: skip
-        self.norm = nn.LayerNorm(p.dim)
-        # The class token is the only token the head reads: it is the feature vector, and as a
-        # 1x1 "map" it gives BTI-DBF a mask over its channels.
-        self.pool = nn.Flatten()
+        # The class token is the only token the head reads: as a 1x1 "map" it gives BTI-DBF a mask
+        # over its channels. The reference splits there too (its feature hook returns the token
+        # before the head's layer norm), so the layer norm belongs to the pooling, not the map.
+        self.pool = nn.Sequential(nn.Flatten(), nn.LayerNorm(p.dim))
         self.head = nn.Linear(p.dim, num_classes)
 
     def check(self, meta: DatasetMeta) -> None:
@@ -553,7 +556,7 @@ class ViTSmall(MapClassifier):
         tokens = self.tokens(x)
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         tokens = self.blocks(self.emb_dropout(tokens + self.pos_embedding))
-        return self.norm(tokens[:, 0])[:, :, None, None]
+        return tokens[:, 0, :, None, None]
 
 
 def build_model(name: str, num_classes: int, in_channels: int, **params: Any) -> Classifier:
