@@ -48,6 +48,8 @@ def test_image_folder_loader_on_real_jpegs(tmp_path):
     resized = load_dataset("imagefolder", paths, resize=16)
     assert resized.test.x.shape == (9, 3, 16, 16)
     assert len(list((tmp_path / "cache" / "data").glob("imagefolder-*.pt"))) == 2
+    # The folder's ``name`` parameter (its name in tables) is no clash with the dataset's registry name.
+    assert load_dataset("imagefolder", paths, name="pets").name == "pets"
 
 
 def test_cifar10_from_the_shared_tarball_and_fast_second_load(cifar10, cifar_paths):

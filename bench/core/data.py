@@ -164,8 +164,11 @@ def check_metadata(meta: DatasetMeta, split: DataSplit) -> None:
                          f"{expected.test_size})")  # fmt: skip
 
 
-def load_dataset(name: str, paths: DataPaths, **params: Any) -> DataSplit:
-    """Load a registered dataset by name with its parameters (validated first)."""
+def load_dataset(name: str, paths: DataPaths, /, **params: Any) -> DataSplit:
+    """Load a registered dataset by name with its parameters (validated first).
+
+    ``name`` and ``paths`` are positional-only, so a dataset parameter may itself be called
+    ``name`` (the image folder's name in tables)."""
     dataset: Dataset = DATASETS.create(name, params)
     return dataset.load(paths)
 
