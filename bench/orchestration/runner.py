@@ -362,6 +362,7 @@ class CellRunner:
             "seed": cell.seed,
             "order": list(cell.order),
             **metrics,
+            "image_shape": list(data.test.x.shape[1:]),  # channels, height, width of the data
             "n_test_clean": len(data.test),
             "n_test_poisoned": int(poisoned_y.numel()),
             "n_attacker_train": len(data.attacker_train),
