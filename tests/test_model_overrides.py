@@ -122,3 +122,18 @@ def test_each_model_trains_with_its_own_recipe(tmp_path: Path, monkeypatch: pyte
     by_label = {r["model_label"]: r["train"] for r in records}
     assert (by_label["small_cnn(width=4)"]["lr"], by_label["small_cnn(width=4)"]["epochs"]) == (0.05, 1)
     assert (by_label["small_cnn(width=8)"]["lr"], by_label["small_cnn(width=8)"]["epochs"]) == (0.01, 2)
+
+
+def test_the_architecture_grids_give_vgg_and_the_vit_their_paper_learning_rates() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    gpu = load_config(repo / "configs" / "cifar10_architectures.yaml")
+    cpu = load_config(repo / "configs" / "cifar10_architectures_cpu.yaml")
+    for config in (gpu, cpu):
+        lrs = {spec.name: config.train_for(spec).lr for spec in config.models}
+        assert lrs == {"cifar_resnet18": 0.1, "resnet50": 0.1, "vgg16": 0.01, "inception_v3": 0.1,
+                       "densenet121": 0.1, "vit_small": 0.001}  # fmt: skip
+    assert gpu.train_for(gpu.models[0]).epochs == 150 and cpu.train_for(cpu.models[0]).epochs == 1
+    # The CPU twin runs the same path: the same models, attacks and defenses, at smaller sizes.
+    assert [m.name for m in cpu.models] == [m.name for m in gpu.models]
+    assert [a.name for a in cpu.attacks] == [a.name for a in gpu.attacks]
+    assert [d.name for d in cpu.defenses] == [d.name for d in gpu.defenses]
