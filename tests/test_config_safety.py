@@ -9,7 +9,8 @@ import yaml
 
 from bench.cli import main
 from bench.core.errors import BenchError
-from bench.orchestration.config import MAX_YAML_NODES, load_config, parse_overrides, read_yaml
+from bench.core.safe_yaml import MAX_YAML_NODES
+from bench.orchestration.config import load_config, parse_overrides, read_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "datasets: [mnist5k]\nmodels: [small_cnn]\ndefenses: [none]\n"

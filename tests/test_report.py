@@ -213,14 +213,20 @@ def test_cells_csv_rounds_to_four_decimals(tmp_path: Path) -> None:
     assert "96.9," in text and "12.3457," in text and "96.8999" not in text
 
 
-def test_report_title_reads_only_the_name_line_of_the_config_snapshot() -> None:
-    from bench.report.page import _config_name
+def test_run_config_snapshot_is_read_with_aliases_bounded(tmp_path: Path) -> None:
+    """The report reads a run's config.yaml for its title, t-SNE sample and Figure-2 choices; a
+    tampered snapshot (an alias bomb, a non-mapping) falls back to defaults instead of hanging."""
+    from bench.core.safe_yaml import run_config_snapshot
 
-    assert _config_name("seeds: [0]\nname: 'my grid'\n") == "my grid"
-    assert _config_name("seeds: [0]\n") is None
-    # a snapshot with an alias bomb elsewhere is never expanded: only the name line is parsed
+    config = tmp_path / "config.yaml"
+    config.write_text("seeds: [0]\nname: 'my grid'\n")
+    assert run_config_snapshot(tmp_path)["name"] == "my grid"
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
     )
-    assert _config_name(bomb + "name: bomb\n") == "bomb"
-    assert _config_name("name: [unclosed\n") is None
+    config.write_text(bomb + "name: bomb\n")
+    assert run_config_snapshot(tmp_path) == {}
+    config.write_text("[1, 2]\n")
+    assert run_config_snapshot(tmp_path) == {}
+    config.unlink()
+    assert run_config_snapshot(tmp_path) == {}

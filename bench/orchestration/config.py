@@ -9,7 +9,7 @@ parameters are validated by each plugin's own ``Params`` when the grid is compil
 (:mod:`bench.orchestration.grid`); non-finite numbers are refused anywhere in the file.
 
 YAML anchors and merge keys (``&refine`` ... ``<<: *refine``) are welcome, but aliases may not
-expand the document beyond :data:`MAX_YAML_NODES` values: a few hundred bytes of nested aliases
+expand the document beyond :data:`bench.core.safe_yaml.MAX_YAML_NODES` values: a few hundred bytes of nested aliases
 ("billion laughs") would otherwise expand into billions of values downstream. A grid's name
 names its run directory (``results/<name>``), so it is a plain slug, and a grid lists each
 dataset, model, attack and seed once (a repeated entry would silently merge into the same cells).
@@ -31,6 +31,7 @@ from attacks.base import PoisonPool
 from bench.core.determinism import Deterministic
 from bench.core.errors import BenchError
 from bench.core.params import validation_error_line
+from bench.core.safe_yaml import YamlTooLarge, safe_load_bounded
 from bench.nn.train import TrainRecipe
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # a run name: one plain path component
@@ -255,54 +256,6 @@ def recipe_json(recipe: TrainRecipe) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- loading
 
-# Far above any real grid (hundreds of values), far below what exhausts memory downstream.
-MAX_YAML_NODES = 100_000
-
-
-class _TooLarge(yaml.YAMLError):
-    """The composed document, with its aliases expanded, is too large or recursive."""
-
-
-def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
-    """How many values ``node`` stands for once every alias in it is expanded (memoised per node,
-    so the count itself stays cheap however often a node is aliased)."""
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    if key in active:
-        raise _TooLarge("an alias refers to a collection that contains it (a recursive alias)")
-    active.add(key)
-    if isinstance(node, yaml.SequenceNode):
-        children = list(node.value)
-    elif isinstance(node, yaml.MappingNode):
-        children = [part for pair in node.value for part in pair]
-    else:
-        children = []
-    total = 1
-    for child in children:
-        total += _expanded_size(child, memo, active)
-        if total > MAX_YAML_NODES:
-            raise _TooLarge(f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?)")
-    active.discard(key)
-    memo[key] = total
-    return total
-
-
-class BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses documents whose aliases expand beyond :data:`MAX_YAML_NODES`."""
-
-    def get_single_node(self) -> yaml.Node | None:
-        node = super().get_single_node()
-        if node is not None:
-            _expanded_size(node, {}, set())
-        return node
-
-
-def safe_load_bounded(text: str) -> Any:
-    """``yaml.safe_load`` with alias expansion bounded (see :class:`BoundedLoader`)."""
-    return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
-
-
 def default_name(path: Path) -> str:
     """A run name from a config file's name: its stem with anything but ``[A-Za-z0-9._-]`` as '-'."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).lstrip(".-")[:MAX_NAME_LENGTH]
@@ -328,7 +281,7 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         try:
             value = safe_load_bounded(raw) if raw else ""
-        except _TooLarge as err:
+        except YamlTooLarge as err:
             raise BenchError(f"--set {key.strip()}: {err}") from None
         except (yaml.YAMLError, RecursionError):
             value = raw
@@ -349,7 +302,7 @@ def read_yaml(path: Path) -> dict:
         raise BenchError(f"cannot read config file {path}: {err.strerror or err}") from None
     try:
         data = safe_load_bounded(text)
-    except _TooLarge as err:
+    except YamlTooLarge as err:
         raise BenchError(f"{path}: refusing the YAML: {err}") from None
     except RecursionError:
         raise BenchError(f"{path}: the YAML is nested too deeply") from None

@@ -22,6 +22,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from bench.core.records import RecordStore
+from bench.core.safe_yaml import run_config_snapshot
 from bench.report.plots import (
     FIGURE_DIR,
     draw_tradeoff,
@@ -69,13 +70,7 @@ class Figure2:
 
 def configured_choices(run_dir: Path) -> dict[str, dict[str, Any]]:
     """``report.figure2`` of the run's ``config.yaml`` (defense -> {low, high}); empty when absent."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
-        choices = (raw.get("report") or {}).get("figure2") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return {}
+    choices = (run_config_snapshot(run_dir).get("report") or {}).get("figure2") or {}
     return {str(k): v for k, v in choices.items() if isinstance(v, dict)} if isinstance(choices, dict) else {}
 
 

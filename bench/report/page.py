@@ -21,6 +21,7 @@ from markupsafe import Markup
 
 from bench.core.files import atomic_write_text
 from bench.core.records import RecordStore
+from bench.core.safe_yaml import run_config_snapshot
 from bench.report.tables import paper_tables, records_frame, to_html
 
 FIGURE_SECTIONS = (
@@ -69,19 +70,6 @@ def _run_summary(df: pd.DataFrame) -> str:
     return " · ".join(p for p in parts if p)
 
 
-def _config_name(config_text: str) -> str | None:
-    """The ``name:`` of the run's config snapshot; only that one line is parsed, so a tampered snapshot
-    (say, nested YAML aliases) cannot make drawing a report slow."""
-    import yaml
-
-    line = next((ln for ln in config_text.splitlines() if ln.startswith("name:")), None)
-    try:
-        raw = yaml.safe_load(line) if line else None
-    except yaml.YAMLError:
-        return None
-    return str(raw["name"]) if isinstance(raw, dict) and raw.get("name") else None
-
-
 @functools.cache
 def _template() -> jinja2.Template:
     env = jinja2.Environment(loader=jinja2.PackageLoader("bench.report", "templates"), autoescape=True,
@@ -96,7 +84,7 @@ def write_report(run_dir: Path, only: set[str] | None = None) -> Path:
     config = run_dir / "config.yaml"
     config_text = config.read_text() if config.is_file() else "(no config.yaml in the run directory)"
     page = _template().render(
-        name=_config_name(config_text) or run_dir.name,
+        name=str(run_config_snapshot(run_dir).get("name") or run_dir.name),
         summary=_run_summary(df),
         written=time.strftime("%Y-%m-%d %H:%M:%S"),
         tables=[Markup(to_html(t, f"BA and ASR (%) on {d} / {m}; best defense per row in bold"))

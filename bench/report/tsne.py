@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from bench.core.errors import BenchError
 from bench.core.files import atomic_write_text
 from bench.core.records import RecordStore
+from bench.core.safe_yaml import run_config_snapshot
 from bench.core.tsne_sample import CellFeatures
 from bench.report.plots import FIGURE_DIR, PALETTE, intensity_param, save_figure, slug, themed
 
@@ -288,12 +289,10 @@ def panel_features(store: RecordStore, panel: Panel) -> PanelFeatures | None:
 
 def configured_sample(run_dir: Path) -> tuple[int, int] | None:
     """(per_class, poisoned_per_class) of the run's ``config.yaml``; None when it names none."""
-    import yaml
-
     try:
-        tsne = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("tsne") or {}
+        tsne = run_config_snapshot(run_dir).get("tsne") or {}
         return int(tsne["per_class"]), int(tsne["poisoned_per_class"])
-    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError):
+    except (AttributeError, KeyError, TypeError, ValueError):
         return None
 
 
