@@ -33,6 +33,12 @@ and :meth:`Classifier.head_from_map`). On the defender's benign data (5% of the 
      detection use the frozen model; from the second round G's images pass through P during
      the inversion (the public code's ``pur_gen(bd_gen(x))``).
 
+Every phase (0, 1, 2 and the training of 3) runs in the harness's one training loop
+(:func:`bench.nn.loop.fit_loop`) with its own batches, loss and Adam optimizer: no host read inside
+an epoch (the public code's weight switches are chosen on the device, with the same numbers), bf16
+autocast and channels_last on CUDA, and a loss that turns non-finite fails the fit with one line
+naming the phase. Every phase keeps each epoch's ragged last batch, as the public code's loaders do.
+
 All image distances and the ``noise`` (0.03) live in the classifier's normalised input space, as
 in the public code (so its bounds 0.3, 3 and 0.05 keep their meaning). G and P take and return
 pixel images; their output is not clamped to [0, 1] -- in the public code nothing clamps
@@ -48,7 +54,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +68,7 @@ from bench.core.params import PluginParams
 from bench.core.registry import DEFENSES
 from bench.core.seeding import derive_seed, generator
 from bench.nn import augment
+from bench.nn.loop import Batches, fit_loop, make_optimizer
 from bench.nn.unet import btidbf_unet
 from defenses.base import Defense, DefenseContext
 
@@ -96,8 +103,12 @@ class PixelGenerator(nn.Module):
 
 def fidelity_term(image_mse: Tensor, bound: float, above: float, below: float) -> Tensor:
     """The public code's switched image-fidelity term: ``above * mse`` while the image MSE exceeds
-    ``bound`` (pull hard back towards the input), else ``below * mse``."""
-    return (above if image_mse.item() > bound else below) * image_mse
+    ``bound`` (pull hard back towards the input), else ``below * mse``.
+
+    The switch is chosen on the device (no host read per step); the weight is a constant of the
+    step, so the value and the gradient are exactly those of ``above * mse`` or ``below * mse``.
+    """
+    return torch.where(image_mse.detach() > bound, above, below) * image_mse
 
 
 def feature_mask(theta: Tensor) -> Tensor:
@@ -122,24 +133,14 @@ class Split:
         return self.f2(self.f1(x))
 
 
-def batches(
-    x: Tensor, y: Tensor, batch_size: int, gen: torch.Generator, crop_padding: int, flip: bool
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """One shuffled, augmented epoch (random crop + flip, per image) of uint8 images as floats."""
-    n = x.shape[0]
-    order = torch.randperm(n, generator=gen, device=x.device)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        images = augment.random_crop(to_float(x[idx]), crop_padding, gen)
-        yield (augment.random_flip(images, gen) if flip else images), y[idx]
-
-
-def _epochs(count: int, desc: str) -> tqdm:
-    return tqdm(range(count), desc=f"btidbf: {desc}", leave=False, disable=None)
-
-
-def _mean(total: Tensor, steps: int) -> str:
-    return f"{(total / max(1, steps)).item():.4f}"
+def switched_inversion_loss(pixel: Tensor, benign: Tensor, backdoor: Tensor, norm_bound: float,
+                            feat_bound: float) -> Tensor:  # fmt: skip
+    """The inversion's objective ``-backdoor + 0.01 * benign``, replaced by the image distance
+    ``pixel`` while that exceeds ``norm_bound`` or ``benign`` exceeds ``feat_bound`` (the public
+    code). Chosen on the device: the branch not taken gets an exactly zero gradient, so the
+    value and the update equal those of the branch taken alone."""
+    outside = (pixel.detach() > norm_bound) | (benign.detach() > feat_bound)
+    return torch.where(outside, pixel, -backdoor + 0.01 * benign)
 
 
 # --------------------------------------------------------------------------- the defense
@@ -221,52 +222,56 @@ class BTIDBF(Defense):
         norm = self._frozen.normalize
         return PixelGenerator(unet, norm.mean, norm.std, clamp=p.clamp_output).to(self.device)
 
-    def _epoch(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        return batches(x, y, self.params.batch_size, gen, self.params.crop_padding, self.params.flip)
+    def _batches(self, x: Tensor, y: Tensor | None, gen: torch.Generator) -> Batches[Any]:
+        """Every phase's data: shuffled, augmented (random crop + flip, per image) float batches of
+        the uint8 images ``x`` -- with their labels ``y`` when given -- keeping the ragged last
+        batch, as the public code's data loader does."""
+        p = self.params
+
+        def prepare(idx: Tensor) -> Any:
+            images = augment.crop_and_flip(to_float(x[idx]), gen, p.crop_padding, p.flip)
+            return images if y is None else (images, y[idx])
+
+        return Batches(x.shape[0], p.batch_size, gen, prepare, drop_last=False)
+
+    def _job(self, stage: str) -> str:
+        """A phase's name in the progress bar and in the error of a non-finite loss."""
+        return f"{self.name} ({self.mode}): {stage}"
 
     # ------------------------------------------------------------------ phases
     def pretrain_generator(self, g: PixelGenerator, x: Tensor, gen: torch.Generator) -> None:
         """Step 0: G towards the identity (same predictions, same features, close pixels)."""
         model = self._frozen
-        opt = torch.optim.Adam(g.parameters(), lr=self.params.gen_lr)
-        g.train()
-        bar = _epochs(self.params.pretrain_epochs, "pretrain generator")
-        for _ in bar:
-            total, steps = torch.zeros((), device=self.device), 0
-            for images, _ in self._epoch(x, x.new_zeros(x.shape[0], dtype=torch.long), gen):
-                out = g(images)
-                with torch.no_grad():
-                    clean_feats = model.feature_map(images)
-                    clean_probs = model.head_from_map(clean_feats).softmax(1)
-                feats = model.feature_map(out)
-                pixel = g.normalised_mse(out, images)
-                loss = F.cross_entropy(model.head_from_map(feats), clean_probs) + F.mse_loss(feats, clean_feats)
-                loss = loss + fidelity_term(pixel, 0.1, above=100.0, below=0.01)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, steps = total + loss.detach(), steps + 1
-            bar.set_postfix(loss=_mean(total, steps))
-        g.eval()
+
+        def loss_fn(images: Tensor) -> Tensor:
+            out = g(images)
+            with torch.no_grad():
+                clean_feats = model.feature_map(images)
+                clean_probs = model.head_from_map(clean_feats).softmax(1)
+            feats = model.feature_map(out)
+            loss = F.cross_entropy(model.head_from_map(feats), clean_probs) + F.mse_loss(feats, clean_feats)
+            return loss + fidelity_term(g.normalised_mse(out, images), 0.1, above=100.0, below=0.01)
+
+        opt = make_optimizer("adam", g.parameters(), self.device, lr=self.params.gen_lr)
+        fit_loop(opt, self._batches(x, None, gen), loss_fn, self.params.pretrain_epochs, device=self.device,
+                 job=self._job("pretrain generator"), hint="lower gen_lr", train=[g], frozen=[model])  # fmt: skip
 
     def learn_mask(self, split: Split, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
         """Step 1: the benign-feature mask m in (0, 1), shaped like one feature map (C, h, w)."""
         with torch.no_grad():
             shape = split.f1(to_float(x[:1])).shape[1:]
         theta = torch.randn(shape, generator=gen, device=self.device).requires_grad_(True)
-        opt = torch.optim.Adam([theta], lr=self.params.mask_lr)
-        bar = _epochs(self.params.mask_epochs, "decouple benign features")
-        for _ in bar:
-            total, steps = torch.zeros((), device=self.device), 0
-            for images, labels in self._epoch(x, y, gen):
-                with torch.no_grad():
-                    feats = split.f1(images)
-                loss = decoupling_loss(feature_mask(theta), feats, labels, split.f2, self.params.mask_l1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, steps = total + loss.detach(), steps + 1
-            bar.set_postfix(loss=_mean(total, steps), mask=f"{feature_mask(theta).mean().item():.3f}")
+
+        def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
+            images, labels = batch
+            with torch.no_grad():
+                feats = split.f1(images)
+            return decoupling_loss(feature_mask(theta), feats, labels, split.f2, self.params.mask_l1)
+
+        opt = make_optimizer("adam", [theta], self.device, lr=self.params.mask_lr)
+        fit_loop(opt, self._batches(x, y, gen), loss_fn, self.params.mask_epochs, device=self.device,
+                 job=self._job("decouple benign features"), hint="lower mask_lr", frozen=[self._frozen],
+                 postfix=lambda: {"mask": f"{feature_mask(theta).mean().item():.3f}"})  # fmt: skip
         return feature_mask(theta).detach()
 
     def invert(
@@ -280,31 +285,24 @@ class BTIDBF(Defense):
         of the purified image, so G looks for what the purifier does not yet remove. The clean
         features stay those of the unpurified images.
         """
-        g.train()
-        bar = _epochs(self.params.invert_epochs, "invert trigger")
-        for _ in bar:
-            total, steps = torch.zeros((), device=self.device), 0
-            for images, _ in self._epoch(x, x.new_zeros(x.shape[0], dtype=torch.long), gen):
-                out = g(images) if through is None else through(g(images))
-                with torch.no_grad():
-                    clean = split.f1(images)
-                feats = split.f1(out)
-                benign = F.mse_loss(mask * feats, mask * clean)
-                backdoor = F.mse_loss((1 - mask) * feats, (1 - mask) * clean)
-                pixel = g.normalised_mse(out, images)
-                if pixel.item() > self.params.norm_bound or benign.item() > self.params.feat_bound:
-                    loss = pixel
-                else:
-                    loss = -backdoor + 0.01 * benign
-                if target is not None:
-                    wanted = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
-                    loss = loss + F.cross_entropy(split.f2(feats), wanted)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, steps = total + backdoor.detach(), steps + 1
-            bar.set_postfix(backdoor_mse=_mean(total, steps))
-        g.eval()
+        p = self.params
+
+        def loss_fn(images: Tensor) -> tuple[Tensor, Tensor]:
+            out = g(images) if through is None else through(g(images))
+            with torch.no_grad():
+                clean = split.f1(images)
+            feats = split.f1(out)
+            benign = F.mse_loss(mask * feats, mask * clean)
+            backdoor = F.mse_loss((1 - mask) * feats, (1 - mask) * clean)
+            loss = switched_inversion_loss(g.normalised_mse(out, images), benign, backdoor, p.norm_bound, p.feat_bound)
+            if target is not None:
+                wanted = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
+                loss = loss + F.cross_entropy(split.f2(feats), wanted)
+            return loss, backdoor
+
+        fit_loop(opt, self._batches(x, None, gen), loss_fn, p.invert_epochs, device=self.device,
+                 job=self._job("invert trigger"), hint="lower gen_lr", train=[g],
+                 frozen=[self._frozen] if through is None else [self._frozen, through], show="backdoor_mse")  # fmt: skip
 
     @torch.no_grad()
     def detect_target(self, g: PixelGenerator, split: Split, x: Tensor, num_classes: int) -> int:
@@ -349,18 +347,10 @@ class BTIDBF(Defense):
     def defend(self, loss_fn: Callable[[Tensor, Tensor], Tensor], trainable: nn.Module, opt: torch.optim.Optimizer,
                x: Tensor, y: Tensor, gen: torch.Generator) -> None:  # fmt: skip
         """Step 3: train the unlearned model (U) or the purifier (P) with ``loss_fn(images, labels)``."""
-        trainable.train()
-        bar = _epochs(self.params.defend_epochs, "unlearn" if self.mode == "unlearn" else "train purifier")
-        for _ in bar:
-            total, steps = torch.zeros((), device=self.device), 0
-            for images, labels in self._epoch(x, y, gen):
-                loss = loss_fn(images, labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, steps = total + loss.detach(), steps + 1
-            bar.set_postfix(loss=_mean(total, steps))
-        trainable.eval()
+        unlearn = self.mode == "unlearn"
+        fit_loop(opt, self._batches(x, y, gen), lambda batch: loss_fn(*batch), self.params.defend_epochs,
+                 device=self.device, job=self._job("unlearn" if unlearn else "train purifier"),
+                 hint="lower unlearn_lr" if unlearn else "lower purify_lr", train=[trainable], frozen=[self._frozen])  # fmt: skip
 
     # ------------------------------------------------------------------ fit
     def _pretrained_generator(self, x: Tensor) -> PixelGenerator:
@@ -399,19 +389,19 @@ class BTIDBF(Defense):
             with torch.no_grad():
                 y = torch.cat([frozen(to_float(x[i : i + 512])).argmax(1) for i in range(0, x.shape[0], 512)])
         g = self._pretrained_generator(x)
-        g_opt = torch.optim.Adam(g.parameters(), lr=self.params.gen_lr)
+        g_opt = make_optimizer("adam", g.parameters(), self.device, lr=self.params.gen_lr)
         loss_fn: Callable[[Tensor, Tensor], Tensor]
         if self.mode == "unlearn":
             trainable: nn.Module = copy.deepcopy(frozen).eval()  # the shared frozen model stays untouched
             split = Split(trainable.feature_map, trainable.head_from_map)  # (U) inverts on the unlearned copy
-            opt = torch.optim.Adam(trainable.parameters(), lr=self.params.unlearn_lr)
+            opt = make_optimizer("adam", trainable.parameters(), self.device, lr=self.params.unlearn_lr)
             loss_fn = lambda images, labels: self.mixed_batch_loss(split, g, images, labels)  # noqa: E731
         else:
             purifier = self.new_generator()
             purifier.load_state_dict(g.state_dict())  # the purifier starts at the identity too
             trainable = purifier.eval()
             split = Split(frozen.feature_map, frozen.head_from_map)  # (P): the mask and G on the frozen model
-            opt = torch.optim.Adam(trainable.parameters(), lr=self.params.purify_lr)
+            opt = make_optimizer("adam", trainable.parameters(), self.device, lr=self.params.purify_lr)
             loss_fn = lambda images, labels: self.purify_loss(purifier, g, images, labels)  # noqa: E731
         num_classes = benign.num_classes
         target: int | None = None

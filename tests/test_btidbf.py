@@ -3,6 +3,8 @@ purification loss, the inversion route of (P), both modes."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -11,6 +13,7 @@ from bench.core.device import to_float
 from bench.core.errors import BenchError
 from bench.core.models import build_model
 from bench.nn.train import TrainRecipe, train_classifier
+from defenses.base import DefenseContext
 from defenses.btidbf import (
     BTIDBF,
     BTIDBFPurify,
@@ -20,6 +23,7 @@ from defenses.btidbf import (
     decoupling_loss,
     feature_mask,
     fidelity_term,
+    switched_inversion_loss,
 )
 
 TINY = {"generator_base": 4, "generator_depth": 2, "batch_size": 64, "pretrain_epochs": 1, "mask_epochs": 2,
@@ -171,6 +175,41 @@ def test_modes_and_parameters_are_validated() -> None:
 def test_the_purifiers_fidelity_weight_switches_at_the_bound(mse: float, weight: float) -> None:
     """100 while the image MSE exceeds 0.05, else 1 (the public code's pur_norm_bound)."""
     assert fidelity_term(torch.tensor(mse), 0.05, 100.0, 1.0).item() == pytest.approx(weight * mse)
+
+
+@pytest.mark.parametrize("pixel,benign,taken", [(0.4, 1.0, "pixel"), (0.2, 4.0, "pixel"), (0.2, 1.0, "features")])
+def test_the_inversion_switch_is_on_the_device_and_passes_only_the_taken_branchs_gradient(
+    pixel: float, benign: float, taken: str
+) -> None:  # fmt: skip
+    """Image MSE above 0.3 or benign-feature MSE above 3: the image MSE alone; else
+    ``-backdoor + 0.01 * benign``. The branch not taken gets an exactly zero gradient."""
+    p, b, d = (torch.tensor(v, requires_grad=True) for v in (pixel, benign, 2.0))
+    loss = switched_inversion_loss(p, b, d, norm_bound=0.3, feat_bound=3.0)
+    loss.backward()
+    want = (pixel, (1.0, 0.0, 0.0)) if taken == "pixel" else (-2.0 + 0.01 * benign, (0.0, 0.01, -1.0))
+    assert loss.item() == pytest.approx(want[0])
+    assert [t.grad.item() for t in (p, b, d)] == pytest.approx(list(want[1]))
+
+
+@pytest.mark.parametrize(
+    "cls,extra,stage",
+    [
+        (BTIDBFUnlearn, {"gen_lr": 1e30}, "btidbf_u (unlearn): pretrain generator: the loss became nan at epoch 1; lower gen_lr"),
+        (BTIDBFUnlearn, {"unlearn_lr": 1e30}, "btidbf_u (unlearn): unlearn: the loss became nan at epoch 1; lower unlearn_lr"),
+        (BTIDBFPurify, {"purify_lr": 1e30}, "btidbf_p (purify): train purifier: the loss became nan at epoch 1; lower purify_lr"),
+    ],
+)
+def test_a_stage_whose_loss_turns_non_finite_fails_the_fit_naming_it(digits_model: nn.Module, mnist, cls, extra,
+                                                                     stage: str) -> None:  # fmt: skip
+    """A huge learning rate in one stage: one BenchError line naming the stage; the fit installs
+    nothing, and a failing pre-training leaves no generator in the context."""
+    defense, ctx = cls(**{**TINY, **extra}), DefenseContext()
+    defense.bind(digits_model, torch.device("cpu"), seed=0, ctx=ctx)
+    with pytest.raises(BenchError, match=f"^{re.escape(stage)}$"):
+        defense.fit(mnist.train.subset(torch.arange(1000, 1128)), torch.Generator().manual_seed(0))
+    with pytest.raises(AssertionError, match="fit"):
+        defense.state()
+    assert len(ctx._memory) == (0 if "pretrain" in stage else 1)
 
 
 class Shift(nn.Module):
