@@ -11,6 +11,9 @@ from bench.cli import main
 from bench.core.registry import DEFENSES
 from defenses.base import Defense
 
+TINY_BTIDBF = {"generator_base": 4, "generator_depth": 2, "batch_size": 64, "pretrain_epochs": 1, "mask_epochs": 1,
+               "invert_epochs": 1, "rounds": 1, "defend_epochs": 1, "crop_padding": 2, "flip": False}  # fmt: skip
+
 
 class ExplodingDefense(Defense):
     """Test-only: a trainable defense whose fit always raises."""
@@ -94,6 +97,13 @@ def test_user_errors_exit_2_before_any_work(tmp_path, capsys, extra, message):
         # so the loss stays finite; weight decay at 1e20 overflows the weights.
         ({"defenses": [{"name": "refine", "width": 4, "epochs": 1, "batch_size": 32, "lr": 1e20}]},
          "refine: the loss became nan at epoch 1; lower lr", {"models"}),
+        # BTI-DBF: a failing pre-training stores no generator; a failing purifier keeps the
+        # finished (finite) pre-trained generator, a valid shared artifact, but no defense state.
+        ({"defenses": [{**TINY_BTIDBF, "name": "btidbf_u", "gen_lr": 1e30}]},
+         "btidbf_u (unlearn): pretrain generator: the loss became nan at epoch 1; lower gen_lr", {"models"}),
+        ({"defenses": [{**TINY_BTIDBF, "name": "btidbf_p", "purify_lr": 1e30}]},
+         "btidbf_p (purify): train purifier: the loss became nan at epoch 1; lower purify_lr",
+         {"models", "shared-btidbf-generator"}),
     ],
 )
 def test_a_fit_whose_loss_turns_non_finite_fails_its_cell_and_caches_nothing(tmp_path, capsys, change, message, kept):
@@ -107,4 +117,4 @@ def test_a_fit_whose_loss_turns_non_finite_fails_its_cell_and_caches_nothing(tmp
     assert "failed: mnist5k/small_cnn badnets" in err and message in err
     assert not list((tmp_path / "run" / "records").glob("*.json"))
     stored = {path.relative_to(cache).parts[0] for path in cache.rglob("*") if path.is_file()}
-    assert {"models", "defenses"} & stored == kept
+    assert {"models", "defenses", "shared-btidbf-generator"} & stored == kept
