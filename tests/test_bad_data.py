@@ -254,5 +254,5 @@ def test_no_unsafe_deserialisation_in_the_code_base():
             if "weights_only=True" not in match.group(1):
                 offenders.append(f"{path.name}: {match.group(0)}")
         offenders += [f"{path.name}: {m}" for m in re.findall(r"pickle\.loads?\(|allow_pickle=True|yaml\.load\(", text)
-                      if path.name != "config.py" or m != "yaml.load("]  # fmt: skip
+                      if path.name != "safe_yaml.py" or m != "yaml.load("]  # fmt: skip
     assert offenders == []
