@@ -246,3 +246,16 @@ def test_fp32_evaluation_shares_the_model_and_fit_but_not_the_cell(shared_fit):
     assert [(c.model_key, c.defense_key) for c in bf16] == [(c.model_key, c.defense_key) for c in fp32]
     assert not {c.cell_id for c in bf16} & {c.cell_id for c in fp32}
     assert [c.cell_id for c in compile_grid(_config(eval_amp=True))] == [c.cell_id for c in bf16]
+
+
+def test_compute_settings_that_change_numbers_enter_every_key_and_defaults_keep_theirs(shared_fit):
+    """A model trained with two threads per job is another float result: the cache must not hand
+    it to a grid that asks for one thread (and vice versa); spelling out a default changes nothing."""
+    default = compile_grid(_config())
+    keys = lambda cells: [(c.data_key, c.model_key, c.defense_key, c.cell_id) for c in cells]  # noqa: E731
+    assert keys(compile_grid(_config(threads_per_job=1, deterministic=False))) == keys(default)
+    for changed in (compile_grid(_config(threads_per_job=2)), compile_grid(_config(deterministic=True))):
+        for mine, theirs in zip(changed, default):
+            assert mine.model_key != theirs.model_key and mine.cell_id != theirs.cell_id
+            assert (mine.defense_key is None) == (theirs.defense_key is None)
+            assert mine.defense_key is None or mine.defense_key != theirs.defense_key

@@ -242,6 +242,18 @@ class GridConfig(BaseModel):
             owner = where or f"model {model.name!r}: train"
             raise ValueError(validation_error_line(err, TrainRecipe, merged, owner, unknown="setting")) from None
 
+    def compute_identity(self) -> dict[str, Any]:
+        """The compute settings that can change a job's numbers, for the artifact keys: a model
+        trained with two threads per job is a different float result from one trained with one,
+        and must not be served from the cache to a grid that asks for one. Defaults are left out,
+        so grids that keep them keep their keys."""
+        identity: dict[str, Any] = {}
+        if self.threads_per_job != 1:
+            identity["threads_per_job"] = self.threads_per_job
+        if self.deterministic is not False:  # no effect on CPU numbers, but on CUDA kernels
+            identity["deterministic"] = self.deterministic
+        return identity
+
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

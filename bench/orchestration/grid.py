@@ -9,7 +9,9 @@ Keys make caching exact. A plugin's part of a key is its identity: name, code ``
 validated parameters (:meth:`bench.core.plugin.Plugin.identity`), so ``pad: 4`` and ``pad: 4.0``
 share a key and bumping a plugin's version invalidates exactly what it produced.
 
-- ``data_key``: the (attacker, defender) split: dataset (training identity), holdout, seed.
+- ``data_key``: the (attacker, defender) split: dataset (training identity), holdout, seed -- and
+  the compute settings that change numbers (``threads_per_job``, ``deterministic``) when they are
+  not the defaults, so that every key below it follows them.
 - ``model_key``: everything that determines the backdoored model (the split, model, attack,
   poisoning settings, the model's training recipe -- the grid's ``train`` with the model entry's
   own ``train`` settings over it). Defenses that share it share one trained model.
@@ -191,7 +193,8 @@ def compile_grid(config: GridConfig, data_root: str | Path | None = None) -> lis
             for ai, (attack_spec, attack) in enumerate(attacks):
                 for si, seed in enumerate(config.seeds):
                     data_key = stable_hash({"v": ARTIFACT_VERSION, "dataset": dataset.training_identity(),
-                                            "holdout": config.holdout, "seed": seed})  # fmt: skip
+                                            "holdout": config.holdout, "seed": seed,
+                                            **config.compute_identity()})  # fmt: skip
                     key = model_key(config, data_key, model_id, attack.identity(), recipe)
                     clean_key = model_key(config, data_key, model_id, clean.identity(), recipe)
                     for fi, (spec, defense) in enumerate(defenses):
