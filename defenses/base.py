@@ -184,6 +184,12 @@ class Defense(Plugin):
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state` returned."""
 
+    def findings(self) -> dict[str, Any]:
+        """What the fit concluded that a reader needs to judge the cell's numbers, as plain JSON
+        values written into the cell's record (``defense_findings``): a trigger-inversion defense's
+        detected target class tells a missed target from a weak removal. Default: nothing."""
+        return {}
+
     def transform(self, x: Tensor) -> Tensor:
         """The defense's input transformation (identity unless overridden)."""
         return x

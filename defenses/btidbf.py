@@ -460,6 +460,9 @@ class BTIDBF(Defense):
     def detected_target(self) -> int | None:
         return self._target
 
+    def findings(self) -> dict[str, Any]:
+        return {"detected_target": self._target}
+
     @torch.no_grad()
     def invert_images(self, x: Tensor) -> Tensor:
         """The inverted poisoned version G(x) of images in [0, 1]."""

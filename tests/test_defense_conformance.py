@@ -7,7 +7,7 @@ not about how well the defense works:
 - fit and predict leave the frozen model's weights (and buffers) untouched;
 - ``predict`` returns float logits of shape (N, K) for float batches made from uint8 images;
 - ``state()`` survives the cache (torch-serialised, loaded with ``weights_only``) and
-  ``load_state`` restores identical predictions;
+  ``load_state`` restores identical predictions and the same (plain JSON) ``findings()``;
 - the same seed gives the same state and the same predictions;
 - bad parameters give one :class:`BenchError` line naming the defense and the parameter.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +123,9 @@ def check_state_round_trip(name: str, params: dict[str, Any], model: nn.Module, 
     restored.load_state(state)
     with torch.no_grad():
         assert torch.equal(original.predict(x), restored.predict(x)), f"{name}: load_state changed the predictions"
+    findings = original.findings()
+    assert json.loads(json.dumps(findings)) == findings, f"{name}: findings() is not plain JSON"
+    assert restored.findings() == findings, f"{name}: load_state changed the findings"
 
 
 def assert_same_state(a: Any, b: Any, where: str = "state") -> None:

@@ -146,6 +146,15 @@ def test_btidbf_cells_save_illustrations_of_the_same_images(run: Path) -> None:
         assert archive["poisoned"].dtype == np.uint8
 
 
+def test_records_carry_btidbf_detected_target_and_nothing_for_other_defenses(run: Path) -> None:
+    for (attack, label), record in by_label(run).items():
+        findings = record["defense_findings"]
+        if label.startswith("btidbf"):
+            assert set(findings) == {"detected_target"} and findings["detected_target"] in range(10), (attack, label)
+        else:
+            assert findings == {}, (attack, label)
+
+
 def test_illustration_file_round_trips_and_rejects_damage(tmp_path: Path) -> None:
     images = torch.rand(3, 3, 8, 8)
     item = CellIllustrations.from_tensors(images, images, torch.tensor([1, 2, 1]), torch.tensor([0, 4, 7]), ["a", "b", "c"],

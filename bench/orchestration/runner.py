@@ -368,6 +368,7 @@ class CellRunner:
             "n_attacker_train": len(data.attacker_train),
             "n_defender_benign": len(data.defender_benign),
             "n_defense_fit": self.benign_size(data, defense),  # benign images the defense was fitted on
+            "defense_findings": defense.findings(),  # e.g. BTI-DBF's detected target class
             "model_key": cell.model_key,
             "defense_key": cell.defense_key,
             "model_cached": model_cached,
