@@ -26,7 +26,8 @@ from bench.orchestration.config import validate
 from bench.orchestration.execute import run_grid
 from bench.orchestration.grid import compile_grid
 from bench.report.figure2 import figure_plan, pick_intensities, write_figure2
-from bench.report.inversion import write_inversion_figures
+from bench.report.inversion import figure_plan as inversion_figure_plan
+from bench.report.inversion import figure_rows, write_inversion_figures
 from tests.gridrun import one_thread
 
 BTIDBF_TINY = {"generator_base": 4, "generator_depth": 2, "generator_norm": "batch", "batch_size": 64,
@@ -153,6 +154,13 @@ def test_records_carry_btidbf_detected_target_and_nothing_for_other_defenses(run
             assert set(findings) == {"detected_target"} and findings["detected_target"] in range(10), (attack, label)
         else:
             assert findings == {}, (attack, label)
+
+
+def test_figure3_names_the_detected_target_on_each_inverted_row(run: Path) -> None:
+    (figure,) = [f for f in inversion_figure_plan(run, RecordStore(run).read_all()) if f.cells[0][0]["attack"] == "badnets"]
+    labels = [label for label, _ in figure_rows(figure.cells) if label.startswith("inverted\n")]
+    found = [by_label(run)[("badnets", d)]["defense_findings"]["detected_target"] for d in ("btidbf_p", "btidbf_u")]
+    assert labels == [f"inverted\n{d}\ntarget found: {t}" for d, t in zip(("btidbf_p", "btidbf_u"), found)]  # MNIST: class t is "t"
 
 
 def test_illustration_file_round_trips_and_rejects_damage(tmp_path: Path) -> None:

@@ -82,8 +82,12 @@ def figure_rows(cells: list[tuple[dict[str, Any], CellIllustrations]]) -> list[t
             continue
         # The defense's name; its label (wrapped: labels list every parameter) only where names repeat.
         who = record["defense"] if names.count(record["defense"]) == 1 else textwrap.fill(record["defense_label"], 32)
+        # The class the inversion named as the target: a wrong one explains a surviving backdoor.
+        target = record.get("defense_findings", {}).get("detected_target")
+        known = isinstance(target, int) and 0 <= target < len(first.classes)
+        named = f"\ntarget found: {first.classes[target]}" if known else ""
         for name, images in item.rows.items():
-            rows.append((f"{name}\n{who}", images))
+            rows.append((f"{name}\n{who}" + (named if name == "inverted" else ""), images))
             if name == "inverted":
                 rows.append((f"inverted − clean (×{DIFFERENCE_GAIN:g})\n{who}", _difference(images, item.clean)))
     return rows
