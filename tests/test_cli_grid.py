@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,12 @@ def test_default_grid_meets_the_bar(tmp_path, capsys, monkeypatch):
     argv = ["run", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
     code = main(argv)
     assert code == 0
-    assert "### mnist5k / small_cnn" in capsys.readouterr().out
+    first = capsys.readouterr()
+    assert "### mnist5k / small_cnn" in first.out
+    # stderr is not a terminal here: a line per job (2 trainings, 4 cells) in place of the progress bar
+    progress = [line for line in first.err.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in progress] == [f"[{k}/6" for k in range(1, 7)]
+    assert all(re.search(r": done in \d+ s$", line) for line in progress), progress
     assert list((tmp_path / "run" / "figures").glob("tsne-*.png"))
 
     def no_redraw(*args, **kwargs):

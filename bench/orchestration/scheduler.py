@@ -8,6 +8,7 @@ failed without running ("not run: ..."), and everything else goes on.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -50,6 +51,7 @@ def execute_plan(plan: Plan, executor: Executor, book: JobBook, records: RecordS
     running: dict[int, Job] = {}
     warm: dict[int, str] = {}
     bar = tqdm(total=len(plan), desc="grid", unit="job", disable=None, dynamic_ncols=True)
+    done = 0
     try:
         while remaining or running:
             for slot in range(executor.slots):
@@ -68,7 +70,11 @@ def execute_plan(plan: Plan, executor: Executor, book: JobBook, records: RecordS
             for slot, result in executor.wait():
                 job = running.pop(slot)
                 warm[slot] = job.cell.model_key
-                bar.update(_settle(plan, job, result, remaining, finished, book, records, outcome))
+                settled = _settle(plan, job, result, remaining, finished, book, records, outcome)
+                bar.update(settled)
+                if bar.disable:  # no terminal (a log file, CI): one line per job instead of the bar
+                    done += settled
+                    _log_line(done, len(plan), job, result, settled - 1)
                 if outcome.failed:
                     bar.set_description(f"grid ({len(outcome.failed)} failed)", refresh=False)
     finally:
@@ -76,6 +82,14 @@ def execute_plan(plan: Plan, executor: Executor, book: JobBook, records: RecordS
             book.interrupted(job)
         bar.close()
     return outcome
+
+
+def _log_line(done: int, total: int, job: Job, result: JobResult, skipped: int) -> None:
+    """``[done/total] label: done in N s`` on stderr, flushed, so a redirected long run shows progress."""
+    what = f"done in {result.seconds:.0f} s" if result.ok else f"failed: {result.error}"
+    if skipped:
+        what += f" ({skipped} dependent job{'s' if skipped > 1 else ''} not run)"
+    print(f"[{done}/{total}] {job.label}: {what}", file=sys.stderr, flush=True)
 
 
 def _settle(
