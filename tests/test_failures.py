@@ -46,7 +46,7 @@ def test_failing_defense_fails_its_cell_only(tmp_path, exploding, capsys):
     assert "RuntimeError: exploding defense: fit always fails" in err
     # Not a terminal: one progress line per settled job instead of a bar, the failure's dependents counted.
     progress = [line for line in err.splitlines() if line.startswith("[")]
-    assert any(line.startswith("[") and "fit exploding" in line and line.endswith(
+    assert any("fit exploding" in line and line.endswith(
         "failed: RuntimeError: exploding defense: fit always fails (1 dependent job not run)") for line in progress)  # fmt: skip
     assert progress[-1].startswith(f"[{len(progress) + 1}/{len(progress) + 1}]")  # the failure settled two jobs
     records = sorted((run_dir / "records").glob("*.json"))
